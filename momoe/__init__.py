@@ -1,0 +1,10 @@
+"""momoe: a modality-aware sparse model zoo for PyTorch."""
+from momoe import ops
+from momoe.ops.backend import extension_available, get_backend, require_extension, use_backend
+
+__version__ = "0.1.0"
+
+if get_backend() == "kernel":
+    require_extension()
+
+__all__ = ["ops", "extension_available", "get_backend", "use_backend", "__version__"]

@@ -1,0 +1,62 @@
+"""Build momoe._C against the installed torch (use `pip install --no-build-isolation`).
+
+CPU kernels are always built. CUDA sources (csrc/**/*.cu and the *_cuda.cpp glue) are built
+only when torch has CUDA and nvcc is found; MOMOE_FORCE_CPU=1 skips them. CUDA architectures
+come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"), never from the local GPU, so a wheel
+built on a CPU machine runs on GPUs.
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+
+
+def build_cuda() -> bool:
+    if os.environ.get("MOMOE_FORCE_CPU", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def cutlass_include_dirs() -> list:
+    """Headers of the `nvidia-cutlass` wheel (not vendored); empty when it is not installed."""
+    try:
+        import cutlass_library  # noqa: F401  (shipped by nvidia-cutlass)
+    except ImportError:
+        return []
+    root = os.path.dirname(cutlass_library.__file__)
+    candidates = [os.path.join(root, "source", "include"), os.path.join(root, "source", "tools", "util", "include")]
+    return [c for c in candidates if os.path.isdir(c)]
+
+
+def extension():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*_cpu*.cpp"))
+    cxx_flags = ["-O3", "-fno-math-errno"]
+    include_dirs = [os.path.abspath("csrc")]
+    if not build_cuda():
+        return CppExtension("momoe._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    sources += sorted(glob.glob("csrc/*/*_cuda.cpp")) + sorted(glob.glob("csrc/*/*.cu"))
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-std=c++17"]
+    return CUDAExtension(
+        "momoe._C",
+        sources,
+        include_dirs=include_dirs + cutlass_include_dirs(),
+        define_macros=[("MOMOE_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+def torch_requirement() -> str:
+    """The extension links against this torch's C++ ABI, so the wheel needs the same release."""
+    return "torch==" + torch.__version__.split("+")[0]
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=[torch_requirement()],
+)
