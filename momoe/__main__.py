@@ -1,0 +1,3 @@
+from momoe.cli import main
+
+main()
