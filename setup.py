@@ -34,10 +34,19 @@ def cutlass_include_dirs() -> list:
 
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/*/*_cpu*.cpp"))
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    # -fopenmp: ATen's at::parallel_for is an inline OpenMP loop, serial unless the extension itself
+    # is compiled with OpenMP (the torch wheel ships the libgomp it links against).
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     include_dirs = [os.path.abspath("csrc")]
     if not build_cuda():
-        return CppExtension("momoe._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension(
+            "momoe._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     sources += sorted(glob.glob("csrc/*/*_cuda.cpp")) + sorted(glob.glob("csrc/*/*.cu"))
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-std=c++17"]
@@ -47,6 +56,7 @@ def extension():
         include_dirs=include_dirs + cutlass_include_dirs(),
         define_macros=[("MOMOE_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 
