@@ -10,14 +10,14 @@ import torch
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_ids(ids: torch.Tensor, name: str, limit: int, what: str) -> None:
+def _check_ids(ids: torch.Tensor, name: str, limit: int, label: str, what: str = "") -> None:
     if ids.dtype not in _INT_DTYPES:
         raise ValueError(f"momoe: {name} must be an integer tensor (int8/uint8/int16/int32/int64), got {ids.dtype}")
     flat = ids.reshape(-1).long()
     bad = ((flat < 0) | (flat >= limit)).nonzero()
     if bad.numel() > 0:
         pos = int(bad[0, 0])
-        raise ValueError(f"momoe: {name} must be in [0, {limit}) ({what}), got {int(flat[pos])} at position {pos}")
+        raise ValueError(f"momoe: {name} must be in [0, {label}{limit}){what}, got {int(flat[pos])} at position {pos}")
 
 
 def _check_rows(t: torch.Tensor, name: str) -> None:
@@ -33,7 +33,7 @@ def sort_by_group(group_ids: torch.Tensor, num_groups: int) -> Tuple[torch.Tenso
         raise ValueError(f"momoe: group_ids must have shape (T,) or (T, k), got shape {tuple(group_ids.shape)}")
     if num_groups < 0:
         raise ValueError(f"momoe: num_groups must be >= 0, got {num_groups}")
-    _check_ids(group_ids, "group_ids", num_groups, f"num_groups={num_groups}")
+    _check_ids(group_ids, "group_ids", num_groups, "num_groups=")
     flat_N = group_ids.reshape(-1).long()
     order, sizes = [], []
     for g in range(num_groups):
@@ -49,7 +49,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     _check_rows(x, "x")
     if index.dim() != 1:
         raise ValueError(f"momoe: index must have 1 dimensions, got shape {tuple(index.shape)}")
-    _check_ids(index, "index", x.shape[0], "the rows of x")
+    _check_ids(index, "index", x.shape[0], "", " (the rows of x)")
     x_TD = x.float()
     rows = [x_TD[int(i)] for i in index.long()]
     out_RD = torch.stack(rows) if rows else x_TD.new_zeros(0, x.shape[1])
@@ -73,7 +73,7 @@ def scatter_rows(
             raise ValueError(f"momoe: weight must have shape ({R},) (one per row of y), got {tuple(weight.shape)}")
         if weight.dtype not in (y.dtype, torch.float32):
             raise ValueError(f"momoe: weight must be {y.dtype} (like y) or float32, got {weight.dtype}")
-    _check_ids(index, "index", num_rows, f"num_rows={num_rows}")
+    _check_ids(index, "index", num_rows, "num_rows=")
     y_RD = y.float()
     out = [y_RD.new_zeros(D) for _ in range(num_rows)]
     for r, i in enumerate(index.long().tolist()):
