@@ -19,6 +19,11 @@
 #include "permute/permute_kernel.h"
 
 namespace momoe {
+namespace permute {
+template <>
+struct is_bfloat16<c10::BFloat16> : std::true_type {};
+}  // namespace permute
+
 namespace {
 
 // at::parallel_for when the extension is compiled with OpenMP (INTRA_OP_PARALLEL); otherwise at::parallel_for
@@ -75,14 +80,18 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn) {
 
 // Outputs of tens of MiB are fresh mmap'ed memory whose 4 KiB first-touch page faults cost more than
 // the copy itself; asking for transparent huge pages on the 2 MiB-aligned interior makes them 512x fewer
-// (the same thing c10's THP_MEM_ALLOC_ENABLE does for every allocation). A hint only: errors are ignored.
+// (the same thing c10's THP_MEM_ALLOC_ENABLE does for every allocation). A hint only: errors are ignored;
+// MOMOE_NO_THP=1 (read once) turns it off.
 at::Tensor empty_rows(int64_t rows, int64_t cols, const at::TensorOptions& options) {
   at::Tensor out = at::empty({rows, cols}, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  static const bool enabled = std::getenv("MOMOE_NO_THP") == nullptr;
+  static const bool enabled = [] {
+    const char* off = std::getenv("MOMOE_NO_THP");
+    return off == nullptr || off[0] != '1';
+  }();
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
   const size_t nbytes = out.nbytes();
-  if (enabled && nbytes >= 8 * kHuge) {
+  if (enabled && nbytes >= 16 * kHuge) {  // >= 32 MiB: always mmap'ed by glibc
     const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
     const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + nbytes) & ~(kHuge - 1);
     if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);

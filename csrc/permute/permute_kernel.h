@@ -19,6 +19,40 @@
 namespace momoe {
 namespace permute {
 
+// Specialise to std::true_type for a bfloat16 type (2 bytes, the top half of an fp32): its rows are then
+// converted with plain integer ops on the bits, which vectorize (the conversions of c10::BFloat16 go
+// through a NaN branch). Rounding is to nearest even, NaN stays NaN, like c10::BFloat16.
+template <typename T>
+struct is_bfloat16 : std::false_type {};
+
+template <typename T>
+inline float load_float(const T* p, int64_t i) {
+  if constexpr (is_bfloat16<T>::value) {
+    static_assert(sizeof(T) == 2, "bfloat16 types must be 2 bytes");
+    uint16_t bits;
+    std::memcpy(&bits, reinterpret_cast<const char*>(p) + 2 * i, 2);
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    return static_cast<float>(p[i]);
+  }
+}
+
+template <typename T>
+inline void store_float(T* p, int64_t i, float f) {
+  if constexpr (is_bfloat16<T>::value) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    uint16_t bits = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    bits = (f != f) ? static_cast<uint16_t>(0x7FC0) : bits;
+    std::memcpy(reinterpret_cast<char*>(p) + 2 * i, &bits, 2);
+  } else {
+    p[i] = T(f);
+  }
+}
+
 // Runs fn on the whole range in the calling thread.
 struct SerialFor {
   template <class F>
@@ -115,10 +149,32 @@ void gather_rows(const T* x, int64_t x_stride, int64_t D, const Id* index, int64
 template <typename T>
 inline void axpy_row(float* acc, const T* src, float w, int64_t D, bool first) {
   if (first) {
-    for (int64_t d = 0; d < D; ++d) acc[d] = w * static_cast<float>(src[d]);
+    for (int64_t d = 0; d < D; ++d) acc[d] = w * load_float(src, d);
   } else {
-    for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<float>(src[d]);
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * load_float(src, d);
   }
+}
+
+// Row loops as functions taking D by value: inside the parallel lambdas D is captured by reference and
+// the compiler could not prove the stores leave it unchanged, which blocks vectorization.
+template <typename T>
+inline void fill_zero_row(T* dst, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) store_float(dst, d, 0.0f);
+}
+
+// dst = w0 * y0 (+ w1 * y1 when y1 is non-null) (+ acc when acc is non-null, added first).
+template <typename T>
+inline void combine_row(T* dst, const float* acc, const T* y0, float w0, int64_t D) {
+  if (acc) {
+    for (int64_t d = 0; d < D; ++d) store_float(dst, d, acc[d] + w0 * load_float(y0, d));
+  } else {
+    for (int64_t d = 0; d < D; ++d) store_float(dst, d, w0 * load_float(y0, d));
+  }
+}
+
+template <typename T>
+inline void combine_two_rows(T* dst, const T* y0, float w0, const T* y1, float w1, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) store_float(dst, d, w0 * load_float(y0, d) + w1 * load_float(y1, d));
 }
 
 // Combine through a CSR of the rows by destination: rows order[offsets[i] .. offsets[i + 1]) (ascending r,
@@ -137,27 +193,31 @@ void scatter_rows_csr(const T* y, int64_t y_stride, int64_t D, const int64_t* or
       T* dst = out + i * D;
       const int64_t b = offsets[i], e = offsets[i + 1];
       if (b == e) {
-        std::fill_n(dst, D, T(0.0f));
+        fill_zero_row(dst, D);
         continue;
       }
       if (e - b == 1 && weight == nullptr) {
         std::memcpy(dst, y + order[b] * y_stride, sizeof(T) * static_cast<size_t>(D));
         continue;
       }
-      float* acc;
+      auto w_of = [&](int64_t j) { return weight ? static_cast<float>(weight[order[j]]) : 1.0f; };
       if constexpr (std::is_same<T, float>::value) {
-        acc = dst;
+        // Accumulate in the output row itself, in ascending r.
+        for (int64_t j = b; j < e; ++j) axpy_row(dst, y + order[j] * y_stride, w_of(j), D, j == b);
+      } else if (e - b <= 2) {
+        // One or two rows (permutations, top-2 combine): one fused pass, same arithmetic as below.
+        const T* y0 = y + order[b] * y_stride;
+        const float w0 = w_of(b);
+        if (e - b == 1) {
+          combine_row(dst, static_cast<const float*>(nullptr), y0, w0, D);
+        } else {
+          combine_two_rows(dst, y0, w0, y + order[b + 1] * y_stride, w_of(b + 1), D);
+        }
       } else {
         if (buffer.empty()) buffer.resize(static_cast<size_t>(D));
-        acc = buffer.data();
-      }
-      for (int64_t j = b; j < e; ++j) {
-        const int64_t r = order[j];
-        const float w = weight ? static_cast<float>(weight[r]) : 1.0f;
-        axpy_row(acc, y + r * y_stride, w, D, j == b);
-      }
-      if constexpr (!std::is_same<T, float>::value) {
-        for (int64_t d = 0; d < D; ++d) dst[d] = T(acc[d]);
+        float* acc = buffer.data();
+        for (int64_t j = b; j + 1 < e; ++j) axpy_row(acc, y + order[j] * y_stride, w_of(j), D, j == b);
+        combine_row(dst, static_cast<const float*>(acc), y + order[e - 1] * y_stride, w_of(e - 1), D);
       }
     }
   });
@@ -169,8 +229,8 @@ inline float dot_row(const T* a, const T* b, int64_t D) {
   float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8)
-    for (int k = 0; k < 8; ++k) part[k] += static_cast<float>(a[d + k]) * static_cast<float>(b[d + k]);
-  for (int k = 0; d < D; ++d, ++k) part[k] += static_cast<float>(a[d]) * static_cast<float>(b[d]);
+    for (int k = 0; k < 8; ++k) part[k] += load_float(a, d + k) * load_float(b, d + k);
+  for (int k = 0; d < D; ++d, ++k) part[k] += load_float(a, d) * load_float(b, d);
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
@@ -188,8 +248,7 @@ void scatter_rows_backward(const T* grad_out, int64_t g_stride, const T* y, int6
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = grad_out + static_cast<int64_t>(index[r]) * g_stride;
       const float w = static_cast<float>(weight[r]);
-      T* gy = grad_y + r * D;
-      for (int64_t d = 0; d < D; ++d) gy[d] = T(w * static_cast<float>(g[d]));
+      combine_row(grad_y + r * D, static_cast<const float*>(nullptr), g, w, D);
       grad_w[r] = W(dot_row(g, y + r * y_stride, D));
     }
   });

@@ -11,6 +11,15 @@
 using momoe_test::bf16;
 namespace pk = momoe::permute;
 
+// Instantiate the bit-level bfloat16 path (as the glue does for c10::BFloat16); `bf16_cast` below is a
+// bf16 stand-in that keeps the generic static_cast path, so both paths are checked against naive loops.
+template <>
+struct momoe::permute::is_bfloat16<bf16> : std::true_type {};
+struct bf16_cast : bf16 {
+  using bf16::bf16;
+  bf16_cast() = default;
+};
+
 // Splits [begin, end) into `parts` pieces run by std::threads: checks that results do not depend on the split.
 struct ThreadFor {
   int parts;
@@ -166,6 +175,7 @@ int main() {
         test_scatter<float, float>(200, D, 30, D, weighted, parts, 1e-5f);  // rows that receive nothing
         test_scatter<bf16, bf16>(40, D, 100, D, weighted, parts, 1e-2f);
         test_scatter<bf16, float>(40, D, 100, D, weighted, parts, 1e-2f);
+        test_scatter<bf16_cast, bf16_cast>(40, D, 100, D, weighted, parts, 1e-2f);
         test_scatter<float, float>(5, D, 0, D, weighted, parts, 1e-5f);
         test_scatter<float, float>(0, D, 0, D, weighted, parts, 1e-5f);
       }
