@@ -5,7 +5,8 @@
 //   * scatter_rows_backward_rows  grad_y[r] = w[r] * g[index[r]], grad_w[r] = <g[index[r]], y[r]>
 //
 // Element types T: float, c10::BFloat16 / c10::Half (in the glue) or momoe_test::bf16 (in the C++ tests);
-// values are converted with static_cast<float>(v) and T(f). Weights W are T or float.
+// values are converted with static_cast<float>(v) and T(f) (bit-level for types marked is_bfloat16).
+// Weights W are T or float.
 // Parallelism is injected: every driver takes `pf(begin, end, grain, fn)` which must call
 // fn(b, e) on disjoint sub-ranges covering [begin, end) (at::parallel_for in the glue, SerialFor in tests).
 // Every result is independent of how pf splits the ranges (fixed summation orders).
