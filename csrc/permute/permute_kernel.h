@@ -2,7 +2,7 @@
 //   * counting_sort      stable counting sort of ids by group (sort_by_group, and the CSR of scatter_rows)
 //   * gather_rows        out[r] = x[index[r]]                        (row memcpy)
 //   * scatter_rows_csr   out[i] = sum_{r: index[r] == i} w[r] * y[r] (fp32 accumulation, r ascending)
-//   * scatter_rows_backward_rows  grad_y[r] = w[r] * g[index[r]], grad_w[r] = <g[index[r]], y[r]>
+//   * scatter_rows_backward  grad_y[r] = w[r] * g[index[r]], grad_w[r] = <g[index[r]], y[r]>
 //
 // Element types T: float, c10::BFloat16 / c10::Half (in the glue) or momoe_test::bf16 (in the C++ tests);
 // values are converted with static_cast<float>(v) and T(f) (bit-level for types marked is_bfloat16).
