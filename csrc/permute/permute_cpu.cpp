@@ -1,0 +1,325 @@
+// CPU glue of the permutation ops: validation, allocation, dtype dispatch and parallelism around the
+// torch-free core in permute_kernel.h. Schemas live in csrc/ops.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <memory>
+#include <mutex>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <cstdlib>
+
+#include "common/checks.h"
+#include "permute/permute_kernel.h"
+
+namespace momoe {
+namespace permute {
+template <>
+struct is_bfloat16<c10::BFloat16> : std::true_type {};
+}  // namespace permute
+
+namespace {
+
+// at::parallel_for when the extension is compiled with OpenMP (INTRA_OP_PARALLEL); otherwise at::parallel_for
+// would run serially, so split [begin, end) into at most at::get_num_threads() tasks run by this thread and
+// the inter-op pool (at::launch). Tasks are claimed through an atomic counter, so a pool task that starts
+// late finds nothing left and never touches `fn`; the caller waits only for tasks that are running.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+#ifdef INTRA_OP_PARALLEL
+  at::parallel_for(begin, end, grain, fn);
+#else
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (tasks <= 1) {
+    fn(begin, end);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t remaining = 0;
+    std::exception_ptr error;
+    std::mutex mutex;
+    std::condition_variable done;
+  };
+  auto state = std::make_shared<State>();
+  state->remaining = tasks;
+  const int64_t chunk = (n + tasks - 1) / tasks;
+  const F* fn_ptr = &fn;
+  auto run = [state, tasks, chunk, begin, end, fn_ptr]() {
+    for (;;) {
+      const int64_t t = state->next.fetch_add(1);
+      if (t >= tasks) return;
+      const int64_t b = begin + t * chunk, e = std::min(end, b + chunk);
+      std::exception_ptr error;
+      try {
+        if (b < e) (*fn_ptr)(b, e);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (error && !state->error) state->error = error;
+      if (--state->remaining == 0) state->done.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < tasks; ++t) at::launch(run);
+  run();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->done.wait(lock, [&] { return state->remaining == 0; });
+  if (state->error) std::rethrow_exception(state->error);
+#endif
+}
+
+// Outputs of tens of MiB are fresh mmap'ed memory whose 4 KiB first-touch page faults cost more than
+// the copy itself; asking for transparent huge pages on the 2 MiB-aligned interior makes them 512x fewer
+// (the same thing c10's THP_MEM_ALLOC_ENABLE does for every allocation). A hint only: errors are ignored;
+// MOMOE_NO_THP=1 (read once) turns it off.
+at::Tensor empty_rows(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({rows, cols}, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* off = std::getenv("MOMOE_NO_THP");
+    return off == nullptr || off[0] != '1';
+  }();
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const size_t nbytes = out.nbytes();
+  if (enabled && nbytes >= 16 * kHuge) {  // >= 32 MiB: always mmap'ed by glibc
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + nbytes) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+struct TorchFor {
+  template <class F>
+  void operator()(int64_t begin, int64_t end, int64_t grain, const F& fn) const {
+    parallel_for(begin, end, grain, fn);
+  }
+};
+
+// Calls f(Id{}) with the C++ type of an integer id dtype.
+template <class F>
+void dispatch_id(at::ScalarType s, const F& f) {
+  switch (s) {
+    case at::kByte: return f(uint8_t{});
+    case at::kChar: return f(int8_t{});
+    case at::kShort: return f(int16_t{});
+    case at::kInt: return f(int32_t{});
+    case at::kLong: return f(int64_t{});
+    default: TORCH_CHECK(false, "momoe: unsupported id dtype ", s);
+  }
+}
+
+// Calls f(T{}) with the C++ type of a floating dtype.
+template <class F>
+void dispatch_float(at::ScalarType s, const F& f) {
+  switch (s) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "momoe: unsupported dtype ", s);
+  }
+}
+
+// A 2-D tensor whose rows are contiguous (any row stride); copies only when the columns are strided.
+at::Tensor with_contiguous_rows(const at::Tensor& t) {
+  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
+  return t.contiguous();
+}
+
+// Throws with the offending value when some id lies outside [0, limit).
+void check_ids_in_range(const at::Tensor& ids, int64_t limit, const char* name, const char* what) {
+  int64_t bad = -1;
+  dispatch_id(ids.scalar_type(), [&](auto tag) {
+    using Id = decltype(tag);
+    bad = permute::find_out_of_range(ids.const_data_ptr<Id>(), ids.numel(), limit);
+  });
+  if (bad >= 0) {
+    const int64_t value = ids.reshape({-1})[bad].item<int64_t>();
+    TORCH_CHECK(false, "momoe: ", name, " must be in [0, ", limit, ") (", what, "), got ", value, " at position ",
+                bad);
+  }
+}
+
+void check_weight(const c10::optional<at::Tensor>& weight, const at::Tensor& y, int64_t R, const char* y_name) {
+  if (!weight.has_value()) return;
+  const at::Tensor& w = *weight;
+  check_cpu(w, "weight");
+  check_same_device(w, "weight", y, y_name);
+  check_dim(w, 1, "weight");
+  TORCH_CHECK(w.size(0) == R, "momoe: weight must have shape (", R, ",) (one per row of ", y_name, "), got ",
+              w.sizes());
+  TORCH_CHECK(w.scalar_type() == y.scalar_type() || w.scalar_type() == at::kFloat, "momoe: weight must be ",
+              y.scalar_type(), " (like ", y_name, ") or float32, got ", w.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> sort_by_group(const at::Tensor& group_ids, int64_t num_groups) {
+  check_cpu(group_ids, "group_ids");
+  check_index(group_ids, "group_ids");
+  TORCH_CHECK(group_ids.dim() == 1 || group_ids.dim() == 2,
+              "momoe: group_ids must have shape (T,) or (T, k), got shape ", group_ids.sizes());
+  TORCH_CHECK(num_groups >= 0, "momoe: num_groups must be >= 0, got ", num_groups);
+  const at::Tensor ids = group_ids.contiguous();
+  const int64_t n = ids.numel();
+  auto long_opts = group_ids.options().dtype(at::kLong);
+  at::Tensor order = at::empty({n}, long_opts);
+  at::Tensor sizes = at::empty({num_groups}, long_opts);
+  int64_t bad = -1;
+  dispatch_id(ids.scalar_type(), [&](auto tag) {
+    using Id = decltype(tag);
+    const int64_t chunks = permute::sort_chunks(n, num_groups, at::get_num_threads());
+    bad = permute::counting_sort(ids.const_data_ptr<Id>(), n, num_groups, chunks, order.mutable_data_ptr<int64_t>(),
+                                 sizes.mutable_data_ptr<int64_t>(), nullptr, TorchFor{});
+  });
+  if (bad >= 0) {
+    const int64_t value = ids.reshape({-1})[bad].item<int64_t>();
+    TORCH_CHECK(false, "momoe: group_ids must be in [0, num_groups=", num_groups, "), got ", value,
+                " at flat position ", bad);
+  }
+  return {order, sizes};
+}
+
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
+  check_cpu(x, "x");
+  check_cpu(index, "index");
+  check_same_device(x, "x", index, "index");
+  check_float(x, "x");
+  check_dim(x, 2, "x");
+  check_index(index, "index");
+  check_dim(index, 1, "index");
+  const at::Tensor idx = index.contiguous();
+  check_ids_in_range(idx, x.size(0), "index", "the rows of x");
+  const at::Tensor xr = with_contiguous_rows(x);
+  const int64_t R = idx.size(0), D = x.size(1);
+  at::Tensor out = empty_rows(R, D, x.options());
+  dispatch_float(x.scalar_type(), [&](auto ttag) {
+    using T = decltype(ttag);
+    dispatch_id(idx.scalar_type(), [&](auto itag) {
+      using Id = decltype(itag);
+      permute::gather_rows(xr.const_data_ptr<T>(), xr.stride(0), D, idx.const_data_ptr<Id>(), R,
+                           out.mutable_data_ptr<T>(), TorchFor{});
+    });
+  });
+  return out;
+}
+
+at::Tensor scatter_rows(const at::Tensor& y, const at::Tensor& index, int64_t num_rows,
+                        const c10::optional<at::Tensor>& weight) {
+  check_cpu(y, "y");
+  check_cpu(index, "index");
+  check_same_device(y, "y", index, "index");
+  check_float(y, "y");
+  check_dim(y, 2, "y");
+  check_index(index, "index");
+  check_dim(index, 1, "index");
+  TORCH_CHECK(num_rows >= 0, "momoe: num_rows must be >= 0, got ", num_rows);
+  const int64_t R = y.size(0), D = y.size(1);
+  TORCH_CHECK(index.size(0) == R, "momoe: index must have one entry per row of y (", R, "), got shape ",
+              index.sizes());
+  check_weight(weight, y, R, "y");
+  const at::Tensor idx = index.contiguous();
+  // CSR of the rows by destination (stable: rows of one destination in ascending r).
+  std::vector<int64_t> order(static_cast<size_t>(R)), sizes(static_cast<size_t>(num_rows)),
+      offsets(static_cast<size_t>(num_rows + 1));
+  int64_t bad = -1;
+  dispatch_id(idx.scalar_type(), [&](auto tag) {
+    using Id = decltype(tag);
+    const int64_t chunks = permute::sort_chunks(R, num_rows, at::get_num_threads());
+    bad = permute::counting_sort(idx.const_data_ptr<Id>(), R, num_rows, chunks, order.data(), sizes.data(),
+                                 offsets.data(), TorchFor{});
+  });
+  if (bad >= 0) {
+    const int64_t value = idx[bad].item<int64_t>();
+    TORCH_CHECK(false, "momoe: index must be in [0, num_rows=", num_rows, "), got ", value, " at position ", bad);
+  }
+  const at::Tensor yr = with_contiguous_rows(y);
+  at::Tensor out = empty_rows(num_rows, D, y.options());
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  dispatch_float(y.scalar_type(), [&](auto ttag) {
+    using T = decltype(ttag);
+    if (w.defined() && w.scalar_type() != y.scalar_type()) {
+      permute::scatter_rows_csr(yr.const_data_ptr<T>(), yr.stride(0), D, order.data(), offsets.data(),
+                                w.const_data_ptr<float>(), num_rows, out.mutable_data_ptr<T>(), TorchFor{});
+    } else {
+      permute::scatter_rows_csr(yr.const_data_ptr<T>(), yr.stride(0), D, order.data(), offsets.data(),
+                                w.defined() ? w.const_data_ptr<T>() : static_cast<const T*>(nullptr), num_rows,
+                                out.mutable_data_ptr<T>(), TorchFor{});
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> scatter_rows_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                                         const at::Tensor& index,
+                                                         const c10::optional<at::Tensor>& weight) {
+  check_cpu(grad_out, "grad_out");
+  check_cpu(y, "y");
+  check_cpu(index, "index");
+  check_same_device(grad_out, "grad_out", y, "y");
+  check_same_device(y, "y", index, "index");
+  check_float(y, "y");
+  check_dim(grad_out, 2, "grad_out");
+  check_dim(y, 2, "y");
+  check_index(index, "index");
+  check_dim(index, 1, "index");
+  TORCH_CHECK(grad_out.scalar_type() == y.scalar_type(), "momoe: grad_out must have y's dtype ", y.scalar_type(),
+              ", got ", grad_out.scalar_type());
+  const int64_t R = y.size(0), D = y.size(1);
+  TORCH_CHECK(grad_out.size(1) == D, "momoe: grad_out must have ", D, " columns (like y), got shape ",
+              grad_out.sizes());
+  TORCH_CHECK(index.size(0) == R, "momoe: index must have one entry per row of y (", R, "), got shape ",
+              index.sizes());
+  check_weight(weight, y, R, "y");
+  const at::Tensor idx = index.contiguous();
+  check_ids_in_range(idx, grad_out.size(0), "index", "the rows of grad_out");
+  const at::Tensor g = with_contiguous_rows(grad_out);
+  const at::Tensor yr = with_contiguous_rows(y);
+  at::Tensor grad_y = empty_rows(R, D, y.options());
+  at::Tensor grad_w;
+  at::Tensor w;
+  if (weight.has_value()) {
+    w = weight->contiguous();
+    grad_w = at::empty({R}, w.options());
+  } else {
+    grad_w = at::empty({0}, y.options().dtype(at::kFloat));
+  }
+  dispatch_float(y.scalar_type(), [&](auto ttag) {
+    using T = decltype(ttag);
+    dispatch_id(idx.scalar_type(), [&](auto itag) {
+      using Id = decltype(itag);
+      const Id* ids = idx.const_data_ptr<Id>();
+      if (w.defined() && w.scalar_type() != y.scalar_type()) {
+        permute::scatter_rows_backward(g.const_data_ptr<T>(), g.stride(0), yr.const_data_ptr<T>(), yr.stride(0), D,
+                                       ids, R, w.const_data_ptr<float>(), grad_y.mutable_data_ptr<T>(),
+                                       grad_w.mutable_data_ptr<float>(), TorchFor{});
+      } else {
+        permute::scatter_rows_backward(g.const_data_ptr<T>(), g.stride(0), yr.const_data_ptr<T>(), yr.stride(0), D,
+                                       ids, R, w.defined() ? w.const_data_ptr<T>() : static_cast<const T*>(nullptr),
+                                       grad_y.mutable_data_ptr<T>(),
+                                       w.defined() ? grad_w.mutable_data_ptr<T>() : static_cast<T*>(nullptr),
+                                       TorchFor{});
+      }
+    });
+  });
+  return {grad_y, grad_w};
+}
+
+}  // namespace
+}  // namespace momoe
+
+TORCH_LIBRARY_IMPL(momoe, CPU, m) {
+  m.impl("sort_by_group", &momoe::sort_by_group);
+  m.impl("gather_rows", &momoe::gather_rows);
+  m.impl("scatter_rows", &momoe::scatter_rows);
+  m.impl("scatter_rows_backward", &momoe::scatter_rows_backward);
+}
