@@ -4,11 +4,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <condition_variable>
-#include <exception>
-#include <memory>
-#include <mutex>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -25,58 +20,6 @@ struct is_bfloat16<c10::BFloat16> : std::true_type {};
 }  // namespace permute
 
 namespace {
-
-// at::parallel_for when the extension is compiled with OpenMP (INTRA_OP_PARALLEL); otherwise at::parallel_for
-// would run serially, so split [begin, end) into at most at::get_num_threads() tasks run by this thread and
-// the inter-op pool (at::launch). Tasks are claimed through an atomic counter, so a pool task that starts
-// late finds nothing left and never touches `fn`; the caller waits only for tasks that are running.
-template <class F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& fn) {
-#ifdef INTRA_OP_PARALLEL
-  at::parallel_for(begin, end, grain, fn);
-#else
-  const int64_t n = end - begin;
-  if (n <= 0) return;
-  grain = std::max<int64_t>(grain, 1);
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  if (tasks <= 1) {
-    fn(begin, end);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    int64_t remaining = 0;
-    std::exception_ptr error;
-    std::mutex mutex;
-    std::condition_variable done;
-  };
-  auto state = std::make_shared<State>();
-  state->remaining = tasks;
-  const int64_t chunk = (n + tasks - 1) / tasks;
-  const F* fn_ptr = &fn;
-  auto run = [state, tasks, chunk, begin, end, fn_ptr]() {
-    for (;;) {
-      const int64_t t = state->next.fetch_add(1);
-      if (t >= tasks) return;
-      const int64_t b = begin + t * chunk, e = std::min(end, b + chunk);
-      std::exception_ptr error;
-      try {
-        if (b < e) (*fn_ptr)(b, e);
-      } catch (...) {
-        error = std::current_exception();
-      }
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (error && !state->error) state->error = error;
-      if (--state->remaining == 0) state->done.notify_all();
-    }
-  };
-  for (int64_t t = 1; t < tasks; ++t) at::launch(run);
-  run();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->done.wait(lock, [&] { return state->remaining == 0; });
-  if (state->error) std::rethrow_exception(state->error);
-#endif
-}
 
 // Outputs of tens of MiB are fresh mmap'ed memory whose 4 KiB first-touch page faults cost more than
 // the copy itself; asking for transparent huge pages on the 2 MiB-aligned interior makes them 512x fewer
@@ -103,7 +46,7 @@ at::Tensor empty_rows(int64_t rows, int64_t cols, const at::TensorOptions& optio
 struct TorchFor {
   template <class F>
   void operator()(int64_t begin, int64_t end, int64_t grain, const F& fn) const {
-    parallel_for(begin, end, grain, fn);
+    at::parallel_for(begin, end, grain, fn);
   }
 };
 
