@@ -1,0 +1,160 @@
+// Grouped GEMM on the CPU: y[rows of g] = x[rows of g] @ w[g] (w[g]^T with trans_w) and its
+// weight gradient dw[g] = x[rows of g]^T @ dy[rows of g].
+//
+// Each group is one call to ATen's GEMM (`at::mm_out`) that writes straight into its slice of
+// the output: MKL for fp32, oneDNN (AMX / AVX-512) for bf16 and fp16, all with fp32
+// accumulation. There is no torch-free core here on purpose: the per-group work *is* a BLAS
+// call, and a hand-written kernel would be slower than the vendor GEMMs it would replace.
+//
+// Threading: large groups use the GEMM's own threads, one group after another. When the groups
+// are many and small (each GEMM too small to keep every thread busy), the groups themselves are
+// spread over threads with at::parallel_for and each GEMM runs single-threaded inside it.
+//
+// Shape legend: T tokens (rows of x), K input features, N output features, G groups.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/checks.h"
+
+namespace momoe {
+namespace {
+
+// Below this many multiply-adds per group, one GEMM cannot keep all threads busy, so many such
+// groups are better run side by side, one single-threaded GEMM per thread.
+constexpr int64_t kSmallGroupMacs = int64_t(1) << 24;
+
+// Reads group_sizes (any integer dtype, on the host) once, checking each size is >= 0 and the
+// sizes sum to `total`. Returns the sizes as int64.
+std::vector<int64_t> read_group_sizes(const at::Tensor& group_sizes, int64_t total, const char* total_what) {
+  const at::Tensor sizes = group_sizes.to(at::kLong).contiguous();
+  const int64_t* p = sizes.data_ptr<int64_t>();
+  const int64_t G = sizes.numel();
+  std::vector<int64_t> out(p, p + G);
+  int64_t sum = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(out[g] >= 0, "momoe: group_sizes must be >= 0, got group_sizes[", g, "] = ", out[g]);
+    sum += out[g];
+  }
+  TORCH_CHECK(sum == total, "momoe: group_sizes must sum to ", total_what, " = ", total, ", got sum ", sum);
+  return out;
+}
+
+// A matrix whose strides a GEMM can take as they are (one of the two strides is 1); otherwise a
+// contiguous copy, made once rather than inside every per-group GEMM.
+at::Tensor gemm_ready(const at::Tensor& t) {
+  const int64_t last = t.dim() - 1;
+  if (t.stride(last) == 1 || t.stride(last - 1) == 1) return t;
+  return t.contiguous();
+}
+
+// Runs gemm(g, begin_row, rows) for every non-empty group, in order, or over threads when the
+// groups are many and small.
+template <typename Fn>
+void for_each_group(const std::vector<int64_t>& sizes, int64_t macs_per_row, const Fn& gemm) {
+  const int64_t G = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> begin(G + 1, 0);
+  int64_t nonempty = 0, max_rows = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    begin[g + 1] = begin[g] + sizes[g];
+    nonempty += sizes[g] > 0;
+    max_rows = std::max(max_rows, sizes[g]);
+  }
+  const int64_t threads = at::get_num_threads();
+  const bool spread = threads > 1 && !at::in_parallel_region() && nonempty >= 2 * threads &&
+                      max_rows * macs_per_row <= kSmallGroupMacs;
+  if (!spread) {
+    for (int64_t g = 0; g < G; ++g) {
+      if (sizes[g] > 0) gemm(g, begin[g], sizes[g]);
+    }
+    return;
+  }
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      if (sizes[g] > 0) gemm(g, begin[g], sizes[g]);
+    }
+  });
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& other, const char* other_name,
+                  const at::Tensor& group_sizes) {
+  check_dim(x, 2, "x");
+  check_float(x, "x");
+  check_float(other, other_name);
+  TORCH_CHECK(other.scalar_type() == x.scalar_type(), "momoe: x and ", other_name,
+              " must have the same dtype, got ", x.scalar_type(), " and ", other.scalar_type());
+  check_dim(group_sizes, 1, "group_sizes");
+  check_index(group_sizes, "group_sizes");
+  check_same_device(x, "x", other, other_name);
+  check_cpu(x, "x");
+  check_cpu(other, other_name);
+  check_cpu(group_sizes, "group_sizes");
+}
+
+// y: (T, N) = per group x_g (m, K) @ w[g] (K, N), or @ w[g]^T (w: (G, N, K)) with trans_w.
+at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
+                            bool trans_w) {
+  check_common(x, w, "w", group_sizes);
+  check_dim(w, 3, "w");
+  const int64_t T = x.size(0), K = x.size(1), G = w.size(0);
+  const int64_t Kw = trans_w ? w.size(2) : w.size(1);
+  const int64_t N = trans_w ? w.size(1) : w.size(2);
+  TORCH_CHECK(Kw == K, "momoe: x has K = ", K, " features but w", trans_w ? " (trans_w=True, shape (G, N, K))" : " (shape (G, K, N))",
+              " has K = ", Kw, "; x: ", x.sizes(), ", w: ", w.sizes());
+  TORCH_CHECK(group_sizes.size(0) == G, "momoe: group_sizes must have one entry per group of w (G = ", G,
+              "), got ", group_sizes.size(0));
+  const std::vector<int64_t> sizes = read_group_sizes(group_sizes, T, "the number of rows of x (T)");
+
+  at::Tensor y = at::empty({T, N}, x.options());
+  if (T == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const at::Tensor x_TK = gemm_ready(x);
+  const at::Tensor w_G = gemm_ready(w);
+  for_each_group(sizes, K * N, [&](int64_t g, int64_t row, int64_t rows) {
+    const at::Tensor w_g = w_G.select(0, g);
+    at::Tensor y_g = y.narrow(0, row, rows);
+    at::mm_out(y_g, x_TK.narrow(0, row, rows), trans_w ? w_g.t() : w_g);
+  });
+  return y;
+}
+
+// dw: (G, K, N) = per group x_g^T (K, m) @ dy_g (m, N); with trans_w (G, N, K) = dy_g^T @ x_g,
+// the layout of w. Zero for empty groups.
+at::Tensor grouped_gemm_dw_cpu(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& group_sizes,
+                               bool trans_w) {
+  check_common(x, dy, "dy", group_sizes);
+  check_dim(dy, 2, "dy");
+  const int64_t T = x.size(0), K = x.size(1), N = dy.size(1), G = group_sizes.size(0);
+  TORCH_CHECK(dy.size(0) == T, "momoe: x and dy must have the same number of rows (T), got x: ", x.sizes(),
+              ", dy: ", dy.sizes());
+  const std::vector<int64_t> sizes = read_group_sizes(group_sizes, T, "the number of rows of x (T)");
+
+  at::Tensor dw = trans_w ? at::empty({G, N, K}, x.options()) : at::empty({G, K, N}, x.options());
+  if (dw.numel() == 0) return dw;
+  for (int64_t g = 0; g < G; ++g) {
+    if (sizes[g] == 0) dw.select(0, g).zero_();
+  }
+  const at::Tensor x_TK = gemm_ready(x);
+  const at::Tensor dy_TN = gemm_ready(dy);
+  for_each_group(sizes, K * N, [&](int64_t g, int64_t row, int64_t rows) {
+    const at::Tensor x_g = x_TK.narrow(0, row, rows);
+    const at::Tensor dy_g = dy_TN.narrow(0, row, rows);
+    at::Tensor dw_g = dw.select(0, g);
+    if (trans_w) {
+      at::mm_out(dw_g, dy_g.t(), x_g);
+    } else {
+      at::mm_out(dw_g, x_g.t(), dy_g);
+    }
+  });
+  return dw;
+}
+
+}  // namespace
+}  // namespace momoe
+
+TORCH_LIBRARY_IMPL(momoe, CPU, m) {
+  m.impl("grouped_gemm", &momoe::grouped_gemm_cpu);
+  m.impl("grouped_gemm_dw", &momoe::grouped_gemm_dw_cpu);
+}
