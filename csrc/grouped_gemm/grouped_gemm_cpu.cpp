@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/checks.h"
@@ -25,6 +26,37 @@ namespace {
 // Below this many multiply-adds per group, one GEMM cannot keep all threads busy, so many such
 // groups are better run side by side, one single-threaded GEMM per thread.
 constexpr int64_t kSmallGroupMacs = int64_t(1) << 24;
+
+// oneDNN (the bf16 and fp16 GEMMs) generates and caches a kernel for every new GEMM shape, which
+// costs several milliseconds (3-12 ms measured at K=1024, N=2816) -- as much as the GEMM itself --
+// while group sizes change at every training step. So the bf16/fp16 GEMMs only ever see row
+// counts that are multiples of kRowQuantum (plus fewer than kRowQuantum small ones): a bounded set
+// of shapes that stays cached. MKL's fp32 GEMM has no per-shape set-up and gets exact shapes.
+constexpr int64_t kRowQuantum = 32;
+
+int64_t row_quantum(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? 1 : kRowQuantum; }
+
+// One GEMM of the forward: rows [row, row + rows) of x times w[g].
+struct Window {
+  int64_t g, row, rows;
+};
+
+// The windows that compute group g (rows [row, row + m)). With `spill`, the row count is rounded
+// up to a multiple of q and the extra rows, which belong to later groups, are overwritten when
+// those groups are computed later (the caller runs windows in order); the rounded window must
+// end inside x. Otherwise the group is covered by a multiple-of-q window from its start and a
+// q-row window ending at its end (the overlap is recomputed with the same weights).
+void add_windows(std::vector<Window>& out, int64_t g, int64_t row, int64_t m, int64_t T, int64_t q, bool spill) {
+  const int64_t up = (m + q - 1) / q * q;
+  if (up == m || m < q) {
+    out.push_back({g, row, m});
+  } else if (spill && row + up <= T) {
+    out.push_back({g, row, up});
+  } else {
+    out.push_back({g, row, m / q * q});
+    out.push_back({g, row + m - q, q});
+  }
+}
 
 // Reads group_sizes (any integer dtype, on the host) once, checking each size is >= 0 and the
 // sizes sum to `total`. Returns the sizes as int64.
@@ -50,32 +82,22 @@ at::Tensor gemm_ready(const at::Tensor& t) {
   return t.contiguous();
 }
 
-// Runs gemm(g, begin_row, rows) for every non-empty group, in order, or over threads when the
-// groups are many and small.
-template <typename Fn>
-void for_each_group(const std::vector<int64_t>& sizes, int64_t macs_per_row, const Fn& gemm) {
-  const int64_t G = static_cast<int64_t>(sizes.size());
-  std::vector<int64_t> begin(G + 1, 0);
+// Spread the groups over threads (each GEMM single-threaded) when they are many and small.
+bool spread_groups(const std::vector<int64_t>& sizes, int64_t macs_per_row) {
   int64_t nonempty = 0, max_rows = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    begin[g + 1] = begin[g] + sizes[g];
-    nonempty += sizes[g] > 0;
-    max_rows = std::max(max_rows, sizes[g]);
+  for (int64_t m : sizes) {
+    nonempty += m > 0;
+    max_rows = std::max(max_rows, m);
   }
   const int64_t threads = at::get_num_threads();
-  const bool spread = threads > 1 && !at::in_parallel_region() && nonempty >= 2 * threads &&
-                      max_rows * macs_per_row <= kSmallGroupMacs;
-  if (!spread) {
-    for (int64_t g = 0; g < G; ++g) {
-      if (sizes[g] > 0) gemm(g, begin[g], sizes[g]);
-    }
-    return;
-  }
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      if (sizes[g] > 0) gemm(g, begin[g], sizes[g]);
-    }
-  });
+  return threads > 1 && !at::in_parallel_region() && nonempty >= 2 * threads &&
+         max_rows * macs_per_row <= kSmallGroupMacs;
+}
+
+std::vector<int64_t> group_begins(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> begin(sizes.size() + 1, 0);
+  for (size_t g = 0; g < sizes.size(); ++g) begin[g + 1] = begin[g] + sizes[g];
+  return begin;
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& other, const char* other_name,
@@ -112,11 +134,43 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   if (K == 0) return y.zero_();
   const at::Tensor x_TK = gemm_ready(x);
   const at::Tensor w_G = gemm_ready(w);
-  for_each_group(sizes, K * N, [&](int64_t g, int64_t row, int64_t rows) {
-    const at::Tensor w_g = w_G.select(0, g);
-    at::Tensor y_g = y.narrow(0, row, rows);
-    at::mm_out(y_g, x_TK.narrow(0, row, rows), trans_w ? w_g.t() : w_g);
-  });
+  auto gemm = [&](const Window& win) {
+    const at::Tensor w_g = w_G.select(0, win.g);
+    at::Tensor y_w = y.narrow(0, win.row, win.rows);
+    at::mm_out(y_w, x_TK.narrow(0, win.row, win.rows), trans_w ? w_g.t() : w_g);
+  };
+  const int64_t q = row_quantum(x);
+  const std::vector<int64_t> begin = group_begins(sizes);
+  if (spread_groups(sizes, K * N)) {
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<Window> windows;
+      for (int64_t g = g0; g < g1; ++g) {
+        if (sizes[g] > 0) add_windows(windows, g, begin[g], sizes[g], T, q, /*spill=*/false);
+      }
+      for (const Window& win : windows) gemm(win);
+    });
+    return y;
+  }
+  // One group after another, each GEMM using all threads. A run of consecutive groups of the same
+  // size (expert-choice routing, balanced splits) is one batched GEMM.
+  for (int64_t g = 0; g < G;) {
+    const int64_t m = sizes[g];
+    int64_t h = g + 1;
+    while (h < G && sizes[h] == m) ++h;
+    if (m > 0 && h - g >= 2 && m % q == 0) {
+      const at::Tensor w_r = w_G.narrow(0, g, h - g);
+      at::Tensor y_r = y.narrow(0, begin[g], m * (h - g)).view({h - g, m, N});
+      at::bmm_out(y_r, x_TK.narrow(0, begin[g], m * (h - g)).view({h - g, m, K}), trans_w ? w_r.transpose(1, 2) : w_r);
+      g = h;
+      continue;
+    }
+    if (m > 0) {
+      std::vector<Window> windows;
+      add_windows(windows, g, begin[g], m, T, q, /*spill=*/true);
+      for (const Window& win : windows) gemm(win);
+    }
+    ++g;
+  }
   return y;
 }
 
@@ -138,16 +192,29 @@ at::Tensor grouped_gemm_dw_cpu(const at::Tensor& x, const at::Tensor& dy, const 
   }
   const at::Tensor x_TK = gemm_ready(x);
   const at::Tensor dy_TN = gemm_ready(dy);
-  for_each_group(sizes, K * N, [&](int64_t g, int64_t row, int64_t rows) {
-    const at::Tensor x_g = x_TK.narrow(0, row, rows);
-    const at::Tensor dy_g = dy_TN.narrow(0, row, rows);
+  // Rows are the reduction here, so they cannot be rounded up like the forward's: each group is
+  // one GEMM of its exact size (a bf16 split into two GEMMs would round the partial sum to bf16).
+  auto group = [&](int64_t g, int64_t row, int64_t m) {
+    const at::Tensor x_r = x_TK.narrow(0, row, m), dy_r = dy_TN.narrow(0, row, m);
     at::Tensor dw_g = dw.select(0, g);
     if (trans_w) {
-      at::mm_out(dw_g, dy_g.t(), x_g);
+      at::mm_out(dw_g, dy_r.t(), x_r);
     } else {
-      at::mm_out(dw_g, x_g.t(), dy_g);
+      at::mm_out(dw_g, x_r.t(), dy_r);
     }
-  });
+  };
+  const std::vector<int64_t> begin = group_begins(sizes);
+  if (spread_groups(sizes, K * N)) {
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        if (sizes[g] > 0) group(g, begin[g], sizes[g]);
+      }
+    });
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      if (sizes[g] > 0) group(g, begin[g], sizes[g]);
+    }
+  }
   return dw;
 }
 

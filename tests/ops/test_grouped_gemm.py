@@ -15,7 +15,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ERRORS = (RuntimeError, ValueError)
 
 # (T, K, N, group sizes): odd shapes, empty groups first / middle / last / all but one, G=1, T=0,
-# K=0, and a split large enough for the GEMMs to run one after another with all threads.
+# K=0, and splits large enough for the GEMMs to run one after another with all threads.
 SHAPES = [
     (37, 19, 23, [5, 11, 0, 21]),
     (37, 19, 23, [0, 20, 17]),
@@ -27,6 +27,10 @@ SHAPES = [
     (9, 0, 7, [4, 0, 5]),
     (17, 8, 5, [1, 2, 0, 3, 1, 4, 0, 6]),
     (300, 512, 160, [200, 0, 100]),
+    # bf16/fp16 windows: rounded up into the next group's rows, a batched run of equal sizes, a
+    # tail group covered by two windows; and many small groups spread over threads.
+    (300, 512, 640, [45, 0, 64, 64, 70, 57]),
+    (150, 8, 5, [40, 0, 50, 33, 27]),
 ]
 
 
