@@ -2,8 +2,9 @@
 // weight gradient dw[g] = x[rows of g]^T @ dy[rows of g].
 //
 // Each group is one call to ATen's GEMM (`at::mm_out`) that writes straight into its slice of
-// the output: MKL for fp32, oneDNN (AMX / AVX-512) for bf16 and fp16, all with fp32
-// accumulation. There is no torch-free core here on purpose: the per-group work *is* a BLAS
+// the output (a run of equal-size groups is one `at::bmm_out`): MKL for fp32, oneDNN (AMX for
+// bf16, AVX-512-FP16 for fp16) for the others, all with fp32 accumulation (checked by the tests
+// at K = 16384). fp16 GEMMs run at about fp32 speed on this CPU (no AMX-FP16), ~5x slower than bf16. There is no torch-free core here on purpose: the per-group work *is* a BLAS
 // call, and a hand-written kernel would be slower than the vendor GEMMs it would replace.
 //
 // Threading: large groups use the GEMM's own threads, one group after another. When the groups
@@ -13,6 +14,7 @@
 // Shape legend: T tokens (rows of x), K input features, N output features, G groups.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -142,7 +144,10 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   const int64_t q = row_quantum(x);
   const std::vector<int64_t> begin = group_begins(sizes);
   if (spread_groups(sizes, K * N)) {
+    // The GEMMs are ATen ops: worker threads need this thread's dispatch state (below autograd).
+    const at::ThreadLocalState state;
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      const at::ThreadLocalStateGuard guard(state);
       std::vector<Window> windows;
       for (int64_t g = g0; g < g1; ++g) {
         if (sizes[g] > 0) add_windows(windows, g, begin[g], sizes[g], T, q, /*spill=*/false);
@@ -152,12 +157,13 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     return y;
   }
   // One group after another, each GEMM using all threads. A run of consecutive groups of the same
-  // size (expert-choice routing, balanced splits) is one batched GEMM.
+  // size (expert-choice routing with a fixed capacity, balanced splits) is one batched GEMM, of
+  // exact size: such sizes repeat from step to step, so their oneDNN kernel stays cached.
   for (int64_t g = 0; g < G;) {
     const int64_t m = sizes[g];
     int64_t h = g + 1;
     while (h < G && sizes[h] == m) ++h;
-    if (m > 0 && h - g >= 2 && m % q == 0) {
+    if (m > 0 && h - g >= 2) {
       const at::Tensor w_r = w_G.narrow(0, g, h - g);
       at::Tensor y_r = y.narrow(0, begin[g], m * (h - g)).view({h - g, m, N});
       at::bmm_out(y_r, x_TK.narrow(0, begin[g], m * (h - g)).view({h - g, m, K}), trans_w ? w_r.transpose(1, 2) : w_r);
@@ -205,7 +211,10 @@ at::Tensor grouped_gemm_dw_cpu(const at::Tensor& x, const at::Tensor& dy, const 
   };
   const std::vector<int64_t> begin = group_begins(sizes);
   if (spread_groups(sizes, K * N)) {
+    // The GEMMs are ATen ops: worker threads need this thread's dispatch state (below autograd).
+    const at::ThreadLocalState state;
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      const at::ThreadLocalStateGuard guard(state);
       for (int64_t g = g0; g < g1; ++g) {
         if (sizes[g] > 0) group(g, begin[g], sizes[g]);
       }
