@@ -409,7 +409,7 @@ def _bad_scan_cases():
     add("delta_shape", r"delta.*(shape|size)", lambda kw: kw.update(delta=kw["delta"][..., :-1]))
     add("z_shape", r"z.*(shape|size)", lambda kw: kw.update(z=kw["z"][:, :-1]))
     add("B_rank5", r"B.*(rank|dimensions|shape)", lambda kw: kw.update(B=kw["B"][:, None]))
-    add("B_length", r"B.*(shape|size)", lambda kw: kw.update(B=kw["B"][..., :-1]))
+    add("B_length", r"B.*(shape|size|length)", lambda kw: kw.update(B=kw["B"][..., :-1]))
     add("C_state_size", r"C.*(shape|size)", lambda kw: kw.update(C=kw["C"][:, :, :-1]))
     add("B_groups_not_dividing", r"divisible|group", lambda kw: kw.update(
         B=kw["B"].new_zeros(2, 3, 4, 9), C=kw["C"].new_zeros(2, 3, 4, 9)))

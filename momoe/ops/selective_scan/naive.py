@@ -21,29 +21,30 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_float(name: str, x: torch.Tensor, allowed: Tuple[torch.dtype, ...]) -> None:
+def _check_float(op: str, name: str, x: torch.Tensor, allowed: Tuple[torch.dtype, ...]) -> None:
     if x.dtype not in allowed:
         names = ", ".join(str(d) for d in allowed)
-        raise ValueError(f"selective_scan: {name} must have dtype in ({names}), got {x.dtype}")
+        raise ValueError(f"{op}: {name} must have dtype in ({names}), got {x.dtype}")
 
 
-def _check_shape(name: str, x: torch.Tensor, shape: Tuple[int, ...]) -> None:
+def _check_shape(op: str, name: str, x: torch.Tensor, shape: Tuple[int, ...]) -> None:
     if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"selective_scan: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def _check_modality_values(modality: torch.Tensor, num_modalities: int) -> None:
+def _check_modality_values(op: str, modality: torch.Tensor, num_modalities: int) -> None:
     if modality.numel() == 0:
         return
     lo, hi = int(modality.min()), int(modality.max())
     if lo < 0 or hi >= num_modalities:
         raise ValueError(
-            f"selective_scan: modality values must be in [0, {num_modalities}) (M = A.shape[0]), "
+            f"{op}: modality values must be in [0, {num_modalities}) (M = A.shape[0]), "
             f"got values in [{lo}, {hi}]"
         )
 
 
 def _check_params(
+    op: str,
     A: torch.Tensor,
     D: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
@@ -55,56 +56,56 @@ def _check_params(
 ) -> Tuple[int, int]:
     """Check A, D, delta_bias/dt_bias and modality; return (M or 0, N)."""
     allowed = (torch.float32, dtype)
-    _check_float("A", A, allowed)
+    _check_float(op, "A", A, allowed)
     if modality is None:
         if A.dim() != 2:
             raise ValueError(
-                f"selective_scan: A must have shape (dim, N) without modality, got rank {A.dim()} "
+                f"{op}: A must have shape (dim, N) without modality, got rank {A.dim()} "
                 f"(a per-modality A (M, dim, N) needs the modality argument)"
             )
         num_modalities, N = 0, A.shape[1]
-        _check_shape("A", A, (dim, N))
+        _check_shape(op, "A", A, (dim, N))
         param_shape: Tuple[int, ...] = (dim,)
     else:
         if modality.dtype not in INT_DTYPES or modality.is_floating_point():
-            raise ValueError(f"selective_scan: modality must be an integer tensor, got {modality.dtype}")
-        _check_shape("modality", modality, modality_shape)
+            raise ValueError(f"{op}: modality must be an integer tensor, got {modality.dtype}")
+        _check_shape(op, "modality", modality, modality_shape)
         if A.dim() != 3:
             raise ValueError(
-                f"selective_scan: A must have shape (M, dim, N) when modality is given, got rank {A.dim()}"
+                f"{op}: A must have shape (M, dim, N) when modality is given, got rank {A.dim()}"
             )
         num_modalities, N = A.shape[0], A.shape[2]
-        _check_shape("A", A, (num_modalities, dim, N))
+        _check_shape(op, "A", A, (num_modalities, dim, N))
         param_shape = (num_modalities, dim)
     for name, p in (("D", D), (bias_name, bias)):
         if p is None:
             continue
-        _check_float(name, p, allowed)
+        _check_float(op, name, p, allowed)
         if modality is not None and p.dim() == 2 and p.shape[0] != num_modalities:
             raise ValueError(
-                f"selective_scan: mismatched modality counts: A has M={num_modalities} but {name} has "
+                f"{op}: mismatched modality counts: A has M={num_modalities} but {name} has "
                 f"{p.shape[0]}"
             )
-        _check_shape(name, p, param_shape)
+        _check_shape(op, name, p, param_shape)
     if modality is not None:
-        _check_modality_values(modality, num_modalities)
+        _check_modality_values(op, modality, num_modalities)
     return num_modalities, N
 
 
-def _check_bc(name: str, x: torch.Tensor, batch: int, dim: int, N: int, tail: Tuple[int, ...], dtype):
+def _check_bc(op: str, name: str, x: torch.Tensor, batch: int, dim: int, N: int, tail: Tuple[int, ...], dtype):
     """B/C: (batch, N, *tail) or (batch, G, N, *tail) with dim % G == 0; returns G."""
-    _check_float(name, x, (torch.float32, dtype))
+    _check_float(op, name, x, (torch.float32, dtype))
     rank = 2 + len(tail)
     if x.dim() == rank:
-        _check_shape(name, x, (batch, N) + tail)
+        _check_shape(op, name, x, (batch, N) + tail)
         return 1
     if x.dim() == rank + 1:
         G = x.shape[1]
-        _check_shape(name, x, (batch, G, N) + tail)
+        _check_shape(op, name, x, (batch, G, N) + tail)
         if G == 0 or dim % G != 0:
-            raise ValueError(f"selective_scan: dim ({dim}) must be divisible by the number of groups of {name} ({G})")
+            raise ValueError(f"{op}: dim ({dim}) must be divisible by the number of groups of {name} ({G})")
         return G
-    raise ValueError(f"selective_scan: {name} must have rank {rank} or {rank + 1}, got rank {x.dim()}")
+    raise ValueError(f"{op}: {name} must have rank {rank} or {rank + 1}, got rank {x.dim()}")
 
 
 def _expand_groups(x: torch.Tensor, grouped: bool, dim: int) -> torch.Tensor:
@@ -132,25 +133,27 @@ def selective_scan(
     """Reference of momoe.ops.selective_scan.selective_scan (same arguments, same results)."""
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must have shape (batch, dim, L), got rank {u.dim()}")
-    _check_float("u", u, FLOAT_DTYPES)
+    _check_float("selective_scan", "u", u, FLOAT_DTYPES)
     batch, dim, L = u.shape
     for name, x in (("delta", delta), ("z", z)):
         if x is None:
             continue
         if x.dtype != u.dtype:
             raise ValueError(f"selective_scan: {name} must have u's dtype {u.dtype}, got {x.dtype}")
-        _check_shape(name, x, (batch, dim, L))
+        _check_shape("selective_scan", name, x, (batch, dim, L))
     for name, x in (("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)):
         if x is not None and (x.device != u.device):
             raise ValueError(f"selective_scan: {name} is on {x.device} but u is on {u.device}")
     if modality is not None and modality.device != u.device:
         raise ValueError(f"selective_scan: modality is on {modality.device} but u is on {u.device}")
-    M, N = _check_params(A, D, delta_bias, "delta_bias", modality, (batch, L), dim, u.dtype)
-    G_B = _check_bc("B", B, batch, dim, N, (L,), u.dtype)
-    G_C = _check_bc("C", C, batch, dim, N, (L,), u.dtype)
+    M, N = _check_params("selective_scan", A, D, delta_bias, "delta_bias", modality, (batch, L), dim, u.dtype)
+    _check_bc("selective_scan", "B", B, batch, dim, N, (L,), u.dtype)
+    _check_bc("selective_scan", "C", C, batch, dim, N, (L,), u.dtype)
+    if C.shape != B.shape:
+        raise ValueError(f"selective_scan: C must have B's shape {tuple(B.shape)}, got {tuple(C.shape)}")
     if initial_state is not None:
-        _check_float("initial_state", initial_state, (torch.float32, u.dtype))
-        _check_shape("initial_state", initial_state, (batch, dim, N))
+        _check_float("selective_scan", "initial_state", initial_state, (torch.float32, u.dtype))
+        _check_shape("selective_scan", "initial_state", initial_state, (batch, dim, N))
 
     u_BDL, dt_BDL = u.float(), delta.float()
     if modality is not None:
@@ -205,19 +208,25 @@ def selective_state_update(
     """Reference of momoe.ops.selective_scan.selective_state_update (one token, `state` updated in place)."""
     if x.dim() != 2:
         raise ValueError(f"selective_state_update: x must have shape (batch, dim), got rank {x.dim()}")
-    _check_float("x", x, FLOAT_DTYPES)
+    _check_float("selective_state_update", "x", x, FLOAT_DTYPES)
     batch, dim = x.shape
     for name, t in (("dt", dt), ("z", z)):
         if t is None:
             continue
         if t.dtype != x.dtype:
             raise ValueError(f"selective_state_update: {name} must have x's dtype {x.dtype}, got {t.dtype}")
-        _check_shape(name, t, (batch, dim))
-    M, N = _check_params(A, D, dt_bias, "dt_bias", modality, (batch,), dim, x.dtype)
-    _check_bc("B", B, batch, dim, N, (), x.dtype)
-    _check_bc("C", C, batch, dim, N, (), x.dtype)
-    _check_float("state", state, (torch.float32, x.dtype))
-    _check_shape("state", state, (batch, dim, N))
+        _check_shape("selective_state_update", name, t, (batch, dim))
+    for name, t in (("state", state), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("dt_bias", dt_bias), ("modality", modality)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"selective_state_update: {name} is on {t.device} but x is on {x.device}")
+    M, N = _check_params("selective_state_update", A, D, dt_bias, "dt_bias", modality, (batch,), dim, x.dtype)
+    _check_bc("selective_state_update", "B", B, batch, dim, N, (), x.dtype)
+    _check_bc("selective_state_update", "C", C, batch, dim, N, (), x.dtype)
+    if C.shape != B.shape:
+        raise ValueError(f"selective_state_update: C must have B's shape {tuple(B.shape)}, got {tuple(C.shape)}")
+    _check_float("selective_state_update", "state", state, (torch.float32, x.dtype))
+    _check_shape("selective_state_update", "state", state, (batch, dim, N))
 
     x_BD, dt_BD = x.float(), dt.float()
     if modality is not None:
