@@ -128,6 +128,24 @@ def test_scan_matches_reference(case):
     compare(make_inputs(dim=dim, N=16 if case["L"] == 600 else 4 + 4 * long, **case))
 
 
+@pytest.mark.parametrize("used", ["out", "out_sum", "last_state"])
+def test_scan_backward_one_output(used):
+    """Backward when only one of (out, last_state) reaches the loss (the other cotangent is absent)."""
+    kw = make_inputs(L=45, M=3, G=2, dim=8)
+    grads = {}
+    for name, fn in (("ref", naive.selective_scan), ("kernel", kernel_scan)):
+        args = {k: (v.detach().clone().requires_grad_(k in GRAD_NAMES) if isinstance(v, torch.Tensor) else v)
+                for k, v in kw.items()}
+        out, last = fn(**args, return_last_state=True)
+        # out_sum: the cotangent of out is an expanded (stride 0) tensor
+        loss = {"out": lambda: out.float().square().sum(), "out_sum": lambda: out.sum(),
+                "last_state": lambda: last.square().sum()}[used]()
+        names = float_inputs(args)
+        grads[name] = torch.autograd.grad(loss, [args[n] for n in names], allow_unused=True, materialize_grads=True)
+    for n, ref, got in zip(float_inputs(kw), grads["ref"], grads["kernel"]):
+        assert_close(f"d{n}", ref, got, **TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
 def test_backward_deterministic_across_threads(M):
     """The reductions (dA, dD, ddelta_bias over batch and time, dB/dC over channels) do not depend on threads."""
