@@ -141,12 +141,13 @@ def selective_scan(
         if x.dtype != u.dtype:
             raise ValueError(f"selective_scan: {name} must have u's dtype {u.dtype}, got {x.dtype}")
         _check_shape("selective_scan", name, x, (batch, dim, L))
-    for name, x in (("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)):
+    params = (("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state))
+    for name, x in params:
         if x is not None and (x.device != u.device):
             raise ValueError(f"selective_scan: {name} is on {x.device} but u is on {u.device}")
     if modality is not None and modality.device != u.device:
         raise ValueError(f"selective_scan: modality is on {modality.device} but u is on {u.device}")
-    M, N = _check_params("selective_scan", A, D, delta_bias, "delta_bias", modality, (batch, L), dim, u.dtype)
+    _, N = _check_params("selective_scan", A, D, delta_bias, "delta_bias", modality, (batch, L), dim, u.dtype)
     _check_bc("selective_scan", "B", B, batch, dim, N, (L,), u.dtype)
     _check_bc("selective_scan", "C", C, batch, dim, N, (L,), u.dtype)
     if C.shape != B.shape:
@@ -221,7 +222,7 @@ def selective_state_update(
                     ("dt_bias", dt_bias), ("modality", modality)):
         if t is not None and t.device != x.device:
             raise ValueError(f"selective_state_update: {name} is on {t.device} but x is on {x.device}")
-    M, N = _check_params("selective_state_update", A, D, dt_bias, "dt_bias", modality, (batch,), dim, x.dtype)
+    _, N = _check_params("selective_state_update", A, D, dt_bias, "dt_bias", modality, (batch,), dim, x.dtype)
     _check_bc("selective_state_update", "B", B, batch, dim, N, (), x.dtype)
     _check_bc("selective_state_update", "C", C, batch, dim, N, (), x.dtype)
     if C.shape != B.shape:

@@ -109,9 +109,10 @@ if extension_available():
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, modality, initial_state = inputs
         _, _, chunk_states = output
         ctx.delta_softplus = delta_softplus
-        ctx.has = (D is not None, z is not None, delta_bias is not None, modality is not None, initial_state is not None)
+        optional = (D, z, delta_bias, modality, initial_state)
+        ctx.has = tuple(x is not None for x in optional)
         saved = [u, delta, A, B, C, chunk_states]
-        saved += [x for x in (D, z, delta_bias, modality, initial_state) if x is not None]
+        saved += [x for x in optional if x is not None]
         ctx.save_for_backward(*saved)
 
     def _backward(ctx, dout, dlast_state, dchunk_states):
