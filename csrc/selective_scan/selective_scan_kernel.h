@@ -101,7 +101,7 @@ inline int64_t bwd_num_tasks(int64_t batch, int64_t dim, int64_t G) {
 }
 // Scratch floats one thread needs (the caller allocates them once per thread).
 inline int64_t fwd_scratch_floats(int64_t N, int64_t M) {
-  return (M * N + 2 * M + N + 4 * kChunk) * kTile;
+  return (M * N + 2 * M + N + 5 * kChunk) * kTile;
 }
 inline int64_t bwd_scratch_floats(int64_t N, int64_t M) {
   return (2 * M * N + 4 * M + 2 * N + (2 * kChunk + 1) * N + 9 * kChunk + 2 * kTile) * kTile;
@@ -192,20 +192,28 @@ inline void prepare_dt(float* __restrict dtb, float* __restrict dub, float* __re
     float* __restrict dt = dtb + t * kTile;
     float* __restrict du = dub + t * kTile;
     if (softplus) {
+      float x[kTile], e[kTile];
       for (int c = 0; c < kTile; ++c) {
-        float x = dt[c] + bias[c];
-        float v = simd::softplus(x);
-        if (sg != nullptr) sg[t * kTile + c] = x > 20.0f ? 1.0f : simd::sigmoid(x);
+        x[c] = dt[c] + bias[c];
+        e[c] = simd::softplus_exp(x[c]);
+      }
+      for (int c = 0; c < kTile; ++c) {
+        const float v = simd::softplus_finish(x[c], e[c]);
         dt[c] = v;
         du[c] = v * du[c];
+      }
+      if (sg != nullptr) {
+        float* __restrict s = sg + t * kTile;
+        for (int c = 0; c < kTile; ++c) s[c] = simd::sigmoid_from(x[c], e[c]);
       }
     } else {
       for (int c = 0; c < kTile; ++c) {
-        float v = dt[c] + bias[c];
-        if (sg != nullptr) sg[t * kTile + c] = 1.0f;
+        const float v = dt[c] + bias[c];
         dt[c] = v;
         du[c] = v * du[c];
       }
+      if (sg != nullptr)
+        for (int c = 0; c < kTile; ++c) sg[t * kTile + c] = 1.0f;
     }
   }
 }
@@ -231,7 +239,7 @@ inline void scan_chunk(float* __restrict h, float* __restrict yb, float* __restr
       if (as != nullptr) {
         float* __restrict an = as + (t * N + n) * kTile;
         for (int c = 0; c < kTile; ++c) {
-          float a = simd::exp(dt[c] * An[c]);
+          float a = simd::exp_clamped(dt[c] * An[c]);
           an[c] = a;
           float hv = a * hn[c] + du[c] * bn;
           hn[c] = hv;
@@ -239,7 +247,7 @@ inline void scan_chunk(float* __restrict h, float* __restrict yb, float* __restr
         }
       } else {
         for (int c = 0; c < kTile; ++c) {
-          float a = simd::exp(dt[c] * An[c]);
+          float a = simd::exp_clamped(dt[c] * An[c]);
           float hv = a * hn[c] + du[c] * bn;
           hn[c] = hv;
           y[c] += hv * cn;
@@ -263,6 +271,8 @@ void fwd_tile(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t b, int64_t g, in
   float* dtb = h + N * kTile;
   float* dub = dtb + kChunk * kTile;
   float* yb = dub + kChunk * kTile;
+  float* ub = yb + kChunk * kTile;
+  float* zb = ub + kChunk * kTile;
   load_tables(a.A, a.D, a.delta_bias, dim, N, M, d0, nc, At, Dt, dbt);
   for (int c = 0; c < kTile; ++c)
     for (int64_t n = 0; n < N; ++n)
@@ -277,21 +287,23 @@ void fwd_tile(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t b, int64_t g, in
     for (int c = 0; c < nc; ++c)
       for (int64_t n = 0; n < N; ++n) o.chunk_states[(((b * dim) + d0 + c) * n_chunks + ci) * N + n] = h[n * kTile + c];
     load_tile(dtb, a.delta + row0 + t0, L, nc, len);
-    load_tile(dub, a.u + row0 + t0, L, nc, len);
+    load_tile(ub, a.u + row0 + t0, L, nc, len);
+    std::memcpy(dub, ub, sizeof(float) * len * kTile);
     prepare_dt(dtb, dub, nullptr, dbt, mod, len, a.softplus);
     scan_chunk(h, yb, nullptr, nullptr, dtb, dub, At, Bg + t0, Cg + t0, mod, N, L, len);
-    // Epilogue per channel (contiguous in time): D skip and SiLU(z) gate.
-    for (int c = 0; c < nc; ++c) {
-      const T* ur = a.u + row0 + c * L + t0;
-      const T* zr = a.z != nullptr ? a.z + row0 + c * L + t0 : nullptr;
-      T* orow = o.out + row0 + c * L + t0;
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t m = mod != nullptr ? mod[t] : 0;
-        float y = yb[t * kTile + c] + Dt[m * kTile + c] * static_cast<float>(ur[t]);
-        if (zr != nullptr) y *= simd::silu(static_cast<float>(zr[t]));
-        orow[t] = T(y);
+    // Epilogue in the (time, channel) tile layout: D skip and SiLU(z) gate.
+    if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
+    for (int64_t t = 0; t < len; ++t) {
+      const float* __restrict Dm = Dt + (mod != nullptr ? mod[t] : 0) * kTile;
+      float* __restrict y = yb + t * kTile;
+      const float* __restrict uu = ub + t * kTile;
+      for (int c = 0; c < kTile; ++c) y[c] += Dm[c] * uu[c];
+      if (a.z != nullptr) {
+        const float* __restrict zz = zb + t * kTile;
+        for (int c = 0; c < kTile; ++c) y[c] *= simd::silu(zz[c]);
       }
     }
+    store_tile(o.out + row0 + t0, yb, L, nc, len);
   }
   for (int c = 0; c < nc; ++c)
     for (int64_t n = 0; n < N; ++n) o.last_state[((b * dim) + d0 + c) * N + n] = h[n * kTile + c];
@@ -361,33 +373,38 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
     std::memcpy(dub, ub, sizeof(float) * len * kTile);
     prepare_dt(dtb, dub, sgb, dbt, mod, len, a.softplus);
     scan_chunk(hrun, yb, hs, as, dtb, dub, At, Bg + t0, Cg + t0, mod, N, L, len);
-    // Gate and D skip, per channel: dy = dout * silu(z), dz, dD; dyDb = dy * D.
-    for (int c = 0; c < kTile; ++c) {
-      if (c >= nc) {
-        for (int64_t t = 0; t < len; ++t) dyb[t * kTile + c] = dyDb[t * kTile + c] = 0.0f;
-        continue;
-      }
-      const T* dor = o.dout + row0 + c * L + t0;
-      const T* zr = a.z != nullptr ? a.z + row0 + c * L + t0 : nullptr;
-      T* dzr = o.dz != nullptr ? o.dz + row0 + c * L + t0 : nullptr;
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t m = mod != nullptr ? mod[t] : 0;
-        const float gout = static_cast<float>(dor[t]);
-        const float dm = Dt[m * kTile + c];
-        const float uv = ub[t * kTile + c];
-        float dy = gout;
-        if (zr != nullptr) {
-          const float zv = static_cast<float>(zr[t]);
-          const float s = simd::sigmoid(zv);
-          const float y = yb[t * kTile + c] + dm * uv;
-          if (dzr != nullptr) dzr[t] = T(gout * y * s * (1.0f + zv * (1.0f - s)));
-          dy = gout * zv * s;
+    // Gate and D skip in the tile layout: dy = dout * silu(z), dz, dD; dyDb = dy * D. ddtb and dutb
+    // hold dout and z here (they are outputs of the reverse scan below); dz overwrites yb.
+    float* dob = ddtb;
+    float* zb = dutb;
+    load_tile(dob, o.dout + row0 + t0, L, nc, len);
+    if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t m = mod != nullptr ? mod[t] : 0;
+      const float* __restrict Dm = Dt + m * kTile;
+      float* __restrict dDm = dDt + m * kTile;
+      const float* __restrict gout = dob + t * kTile;
+      const float* __restrict uu = ub + t * kTile;
+      float* __restrict y = yb + t * kTile;
+      float* __restrict dy = dyb + t * kTile;
+      float* __restrict dyD = dyDb + t * kTile;
+      if (a.z != nullptr) {
+        const float* __restrict zz = zb + t * kTile;
+        for (int c = 0; c < kTile; ++c) {
+          const float s = simd::sigmoid(zz[c]);
+          const float yv = y[c] + Dm[c] * uu[c];
+          y[c] = gout[c] * yv * s * (1.0f + zz[c] * (1.0f - s));  // dz
+          dy[c] = gout[c] * zz[c] * s;
         }
-        dyb[t * kTile + c] = dy;
-        dyDb[t * kTile + c] = dy * dm;
-        dDt[m * kTile + c] += dy * uv;
+      } else {
+        for (int c = 0; c < kTile; ++c) dy[c] = gout[c];
+      }
+      for (int c = 0; c < kTile; ++c) {
+        dyD[c] = dy[c] * Dm[c];
+        dDm[c] += dy[c] * uu[c];
       }
     }
+    if (o.dz != nullptr) store_tile(o.dz + row0 + t0, yb, L, nc, len);
     // Reverse scan over the chunk.
     for (int64_t t = len - 1; t >= 0; --t) {
       const int64_t m = mod != nullptr ? mod[t] : 0;
