@@ -192,8 +192,9 @@ Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Te
   p.delta = delta.contiguous();
   if (z) p.z = z->contiguous();
   p.A = f32(A);
-  p.B = f32(B);
-  p.C = f32(C);
+  // Time-major (batch, G, L, N) fp32 copies of B and C (see selective_scan_kernel.h).
+  p.B = (p.grouped ? B : B.unsqueeze(1)).to(at::kFloat).transpose(-1, -2).contiguous();
+  p.C = (p.grouped ? C : C.unsqueeze(1)).to(at::kFloat).transpose(-1, -2).contiguous();
   if (D) p.D = f32(*D);
   if (delta_bias) p.delta_bias = f32(*delta_bias);
   if (initial_state) p.initial_state = f32(*initial_state);
@@ -363,8 +364,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   }
 
   Tensor dA = sum_middle(dA_part, 1, p.batch, p.M * p.dim * p.N).view(A.sizes()).to(A.scalar_type());
-  Tensor dB = sum_middle(dB_part, p.batch * p.G, bpg, p.N * p.L).view(B.sizes()).to(B.scalar_type());
-  Tensor dC = sum_middle(dC_part, p.batch * p.G, bpg, p.N * p.L).view(C.sizes()).to(C.scalar_type());
+  auto bc_grad = [&](const Tensor& part, const Tensor& like) {
+    Tensor g = sum_middle(part, p.batch * p.G, bpg, p.N * p.L).view({p.batch, p.G, p.L, p.N});
+    return g.transpose(-1, -2).to(like.scalar_type()).contiguous().view(like.sizes());
+  };
+  Tensor dB = bc_grad(dB_part, B);
+  Tensor dC = bc_grad(dC_part, C);
   Tensor empty = at::empty({0}, opts);
   Tensor dD = D ? sum_middle(dD_part, 1, p.batch, p.M * p.dim).view(D->sizes()).to(D->scalar_type()) : empty;
   Tensor ddb = delta_bias

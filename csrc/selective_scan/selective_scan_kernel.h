@@ -1,6 +1,8 @@
 // Torch-free CPU core of the (modality-split) selective scan: forward, backward and decode step.
 //
-// Layout (mamba-ssm): u, delta, z, out: (batch, dim, L) contiguous in T; B, C: (batch, G, N, L) fp32;
+// Layout: u, delta, z, out: (batch, dim, L) contiguous in T (mamba-ssm); B, C: (batch, G, L, N) fp32
+// (time-major: the caller transposes mamba-ssm's (batch, G, N, L), whose N rows 4 KiB apart would
+// collide in the L1 sets);
 // A: (M, dim, N) fp32; D, delta_bias: (M, dim) fp32; modality: (batch, L) int32 in [0, M)
 // (M = 1 and modality == nullptr without modality); initial/last state: (batch, dim, N) fp32;
 // chunk_states: (batch, dim, ceil(L / 256), N) fp32, the state before timestep 256 * c.
@@ -37,8 +39,8 @@ struct ScanArgs {
   const T* delta;
   const T* z;                  // nullable
   const float* A;              // (M, dim, N)
-  const float* B;              // (batch, G, N, L)
-  const float* C;              // (batch, G, N, L)
+  const float* B;              // (batch, G, L, N)
+  const float* C;              // (batch, G, L, N)
   const float* D;              // (M, dim), nullable
   const float* delta_bias;     // (M, dim), nullable
   const int32_t* modality;     // (batch, L), nullable
@@ -61,8 +63,8 @@ struct BwdOut {
   T* du;                       // (batch, dim, L)
   T* ddelta;                   // (batch, dim, L)
   T* dz;                       // (batch, dim, L), nullable (when z is)
-  float* dB_part;              // (batch, G, n_blocks, N, L), zero-initialised
-  float* dC_part;              // (batch, G, n_blocks, N, L), zero-initialised
+  float* dB_part;              // (batch, G, n_blocks, L, N), zero-initialised
+  float* dC_part;              // (batch, G, n_blocks, L, N), zero-initialised
   float* dA_part;              // (batch, M, dim, N)
   float* dD_part;              // (batch, M, dim), nullable
   float* ddelta_bias_part;     // (batch, M, dim), nullable
@@ -223,7 +225,7 @@ inline void prepare_dt(float* __restrict dtb, float* __restrict dub, float* __re
 inline void scan_chunk(float* __restrict h, float* __restrict yb, float* __restrict hs, float* __restrict as,
                        const float* __restrict dtb, const float* __restrict dub, const float* __restrict At,
                        const float* __restrict Bp, const float* __restrict Cp, const int32_t* mod, int64_t N,
-                       int64_t L, int64_t len) {
+                       int64_t len) {
   for (int64_t t = 0; t < len; ++t) {
     const float* __restrict Am = At + (mod != nullptr ? mod[t] : 0) * N * kTile;
     const float* __restrict dt = dtb + t * kTile;
@@ -232,8 +234,8 @@ inline void scan_chunk(float* __restrict h, float* __restrict yb, float* __restr
     for (int c = 0; c < kTile; ++c) y[c] = 0.0f;
     if (hs != nullptr) std::memcpy(hs + t * N * kTile, h, sizeof(float) * N * kTile);
     for (int64_t n = 0; n < N; ++n) {
-      const float bn = Bp[n * L + t];
-      const float cn = Cp[n * L + t];
+      const float bn = Bp[t * N + n];
+      const float cn = Cp[t * N + n];
       float* __restrict hn = h + n * kTile;
       const float* __restrict An = Am + n * kTile;
       if (as != nullptr) {
@@ -290,7 +292,7 @@ void fwd_tile(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t b, int64_t g, in
     load_tile(ub, a.u + row0 + t0, L, nc, len);
     std::memcpy(dub, ub, sizeof(float) * len * kTile);
     prepare_dt(dtb, dub, nullptr, dbt, mod, len, a.softplus);
-    scan_chunk(h, yb, nullptr, nullptr, dtb, dub, At, Bg + t0, Cg + t0, mod, N, L, len);
+    scan_chunk(h, yb, nullptr, nullptr, dtb, dub, At, Bg + t0 * N, Cg + t0 * N, mod, N, len);
     // Epilogue in the (time, channel) tile layout: D skip and SiLU(z) gate.
     if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
     for (int64_t t = 0; t < len; ++t) {
@@ -323,7 +325,7 @@ void fwd_tasks(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t begin, int64_t 
   }
 }
 
-// Backward of one tile; dBp / dCp: this block's (N, L) partial sums.
+// Backward of one tile; dBp / dCp: this block's (L, N) partial sums.
 template <typename T>
 void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, int64_t d0, int nc, float* dBp,
               float* dCp, float* ws) {
@@ -372,7 +374,7 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
     load_tile(ub, a.u + row0 + t0, L, nc, len);
     std::memcpy(dub, ub, sizeof(float) * len * kTile);
     prepare_dt(dtb, dub, sgb, dbt, mod, len, a.softplus);
-    scan_chunk(hrun, yb, hs, as, dtb, dub, At, Bg + t0, Cg + t0, mod, N, L, len);
+    scan_chunk(hrun, yb, hs, as, dtb, dub, At, Bg + t0 * N, Cg + t0 * N, mod, N, len);
     // Gate and D skip in the tile layout: dy = dout * silu(z), dz, dD; dyDb = dy * D. ddtb and dutb
     // hold dout and z here (they are outputs of the reverse scan below); dz overwrites yb.
     float* dob = ddtb;
@@ -422,8 +424,8 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
         const int64_t nn = N - n0 < kTile ? N - n0 : kTile;
         for (int64_t j = 0; j < nn; ++j) {
           const int64_t n = n0 + j;
-          const float bn = Bg[n * L + t0 + t];
-          const float cn = Cg[n * L + t0 + t];
+          const float bn = Bg[(t0 + t) * N + n];
+          const float cn = Cg[(t0 + t) * N + n];
           float* __restrict dhn = dh + n * kTile;
           const float* __restrict hp = hprev + n * kTile;
           const float* __restrict hc = hcur + n * kTile;
@@ -449,8 +451,8 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
         row_sums_16x16(PB, sB);
         row_sums_16x16(PC, sC);
         for (int64_t j = 0; j < nn; ++j) {
-          dBp[(n0 + j) * L + t0 + t] += sB[j];
-          dCp[(n0 + j) * L + t0 + t] += sC[j];
+          dBp[(t0 + t) * N + n0 + j] += sB[j];
+          dCp[(t0 + t) * N + n0 + j] += sC[j];
         }
       }
       const float* __restrict uv = ub + t * kTile;
