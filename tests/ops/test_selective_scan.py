@@ -387,9 +387,10 @@ def test_chunk_states_layout():
     assert empty[2].shape == (2, 4, 0, 3)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
+def test_torch_compile_fullgraph(M):
     torch._dynamo.reset()
-    kw = make_inputs(L=21, dim=8, N=4, G=2, M=3)
+    kw = make_inputs(L=21, dim=8, N=4, G=2, M=M)
 
     def f(u, delta, A, B, C, D, z, delta_bias, modality, initial_state):
         out, last = selective_scan(u, delta, A, B, C, D, z, delta_bias, True, modality, initial_state,
@@ -413,6 +414,25 @@ def test_torch_compile_fullgraph():
     assert_close("last", ref[1], got[1], **tol)
     for name in ref[2]:
         assert_close(f"d{name}", ref[2][name], got[2][name], **tol)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_state_update():
+    torch._dynamo.reset()
+    kw = make_inputs(L=3, dim=8, N=4, G=2, M=3)
+
+    def step(state, t):
+        return selective_state_update(
+            state, kw["u"][..., t], kw["delta"][..., t], kw["A"], kw["B"][..., t], kw["C"][..., t], kw["D"],
+            kw["z"][..., t], kw["delta_bias"], True, kw["modality"][:, t],
+        )
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    with use_backend("kernel"), torch.no_grad():
+        state_ref, state = kw["initial_state"].clone(), kw["initial_state"].clone()
+        for t in range(3):
+            assert_close(f"y[{t}]", step(state_ref, t), compiled(state, t), **TOLERANCES[torch.float32])
+            assert_close(f"state[{t}]", state_ref, state, **TOLERANCES[torch.float32])
     torch._dynamo.reset()
 
 
