@@ -325,6 +325,25 @@ void fwd_tasks(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t begin, int64_t 
   }
 }
 
+// One state row of the reverse step (16 channels): g = dh + dy * C; dA += g a h_prev dt;
+// ddt += g a h_prev A; dbu += g B; PB = g * dt * u (for dB), PC = dy * h (for dC); dh = g * a.
+inline void bwd_state_step(float* __restrict dh, float* __restrict dA, float* __restrict ddt, float* __restrict dbu,
+                           float* __restrict pb, float* __restrict pc, const float* __restrict dy,
+                           const float* __restrict hp, const float* __restrict hc, const float* __restrict an,
+                           const float* __restrict An, const float* __restrict dt, const float* __restrict du, float bn,
+                           float cn) {
+  for (int c = 0; c < kTile; ++c) {
+    const float g = dh[c] + dy[c] * cn;
+    const float q = g * an[c] * hp[c];
+    dA[c] += q * dt[c];
+    ddt[c] += q * An[c];
+    dbu[c] += g * bn;
+    pb[c] = g * du[c];
+    pc[c] = dy[c] * hc[c];
+    dh[c] = g * an[c];
+  }
+}
+
 // Backward of one tile; dBp / dCp: this block's (L, N) partial sums.
 template <typename T>
 void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, int64_t d0, int nc, float* dBp,
@@ -426,24 +445,8 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
           const int64_t n = n0 + j;
           const float bn = Bg[(t0 + t) * N + n];
           const float cn = Cg[(t0 + t) * N + n];
-          float* __restrict dhn = dh + n * kTile;
-          const float* __restrict hp = hprev + n * kTile;
-          const float* __restrict hc = hcur + n * kTile;
-          const float* __restrict an = at + n * kTile;
-          const float* __restrict An = Am + n * kTile;
-          float* __restrict dAn = dAm + n * kTile;
-          float* __restrict pb = PB + j * kTile;
-          float* __restrict pc = PC + j * kTile;
-          for (int c = 0; c < kTile; ++c) {
-            const float g = dhn[c] + dy[c] * cn;
-            const float q = g * an[c] * hp[c];
-            dAn[c] += q * dt[c];
-            ddt[c] += q * An[c];
-            dbu[c] += g * bn;
-            pb[c] = g * du[c];
-            pc[c] = dy[c] * hc[c];
-            dhn[c] = g * an[c];
-          }
+          bwd_state_step(dh + n * kTile, dAm + n * kTile, ddt, dbu, PB + j * kTile, PC + j * kTile, dy,
+                         hprev + n * kTile, hcur + n * kTile, at + n * kTile, Am + n * kTile, dt, du, bn, cn);
         }
         for (int64_t j = nn; j < kTile; ++j)
           for (int c = 0; c < kTile; ++c) PB[j * kTile + c] = PC[j * kTile + c] = 0.0f;
