@@ -370,13 +370,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   };
   Tensor dB = bc_grad(dB_part, B);
   Tensor dC = bc_grad(dC_part, C);
-  Tensor empty = at::empty({0}, opts);
-  Tensor dD = D ? sum_middle(dD_part, 1, p.batch, p.M * p.dim).view(D->sizes()).to(D->scalar_type()) : empty;
+  // A fresh (0,) tensor for each absent input (outputs of an op must not alias each other).
+  auto empty = [&]() { return at::empty({0}, opts); };
+  Tensor dD = D ? sum_middle(dD_part, 1, p.batch, p.M * p.dim).view(D->sizes()).to(D->scalar_type()) : empty();
   Tensor ddb = delta_bias
                    ? sum_middle(ddb_part, 1, p.batch, p.M * p.dim).view(delta_bias->sizes()).to(delta_bias->scalar_type())
-                   : empty;
-  Tensor dinit_out = initial_state ? dinit.to(initial_state->scalar_type()) : empty;
-  return {du, ddelta, dA, dB, dC, dD, z ? dz : empty, ddb, dinit_out};
+                   : empty();
+  Tensor dinit_out = initial_state ? dinit.to(initial_state->scalar_type()) : empty();
+  return {du, ddelta, dA, dB, dC, dD, z ? dz : empty(), ddb, dinit_out};
 }
 
 // ---------------------------------------------------------------------------------------------
