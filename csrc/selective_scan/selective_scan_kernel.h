@@ -1,0 +1,539 @@
+// Torch-free CPU core of the (modality-split) selective scan: forward, backward and decode step.
+//
+// Layout: u, delta, z, out: (batch, dim, L) contiguous in T (mamba-ssm); B, C: (batch, G, L, N) fp32
+// (time-major: the caller transposes mamba-ssm's (batch, G, N, L), whose N rows 4 KiB apart would
+// collide in the L1 sets);
+// A: (M, dim, N) fp32; D, delta_bias: (M, dim) fp32; modality: (batch, L) int32 in [0, M)
+// (M = 1 and modality == nullptr without modality); initial/last state: (batch, dim, N) fp32;
+// chunk_states: (batch, dim, ceil(L / 256), N) fp32, the state before timestep 256 * c.
+//
+// Work split: a tile is kTile = 16 channels of one (batch, group); its loops run over the 16
+// channels innermost so they vectorize (one 512-bit vector, or two 256-bit ones), time runs
+// sequentially, the state h[N][16] stays in L1. Per-token modality picks rows of small
+// per-tile tables (A, D, delta_bias), so the split costs no extra pass.
+// Backward: per tile, chunks of 256 steps in reverse: recompute the chunk's states and decay
+// factors from chunk_states into a local buffer, then a reverse scan for the gradients. dB/dC
+// (sums over channels) go to per-block partial buffers (a block = up to kBlockTiles tiles,
+// visited in a fixed order), dA/dD/ddelta_bias to per-batch partial buffers; the caller sums the
+// partials in a fixed order, so results do not depend on the thread count.
+//
+// The kernels live in momoe::<MOMOE_ISA_NS>::scan (see simd_math.h); the argument structs are
+// shared by every instruction set.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "common/simd_math.h"
+
+namespace momoe {
+namespace scan {
+
+constexpr int64_t kChunk = 256;   // timesteps per saved chunk state
+constexpr int kTile = 16;         // channels per tile (the vector dimension)
+constexpr int64_t kBlockTiles = 4;  // tiles per backward task (shares one dB/dC partial buffer)
+
+template <typename T>
+struct ScanArgs {
+  int64_t batch, dim, L, N, G, M;
+  const T* u;
+  const T* delta;
+  const T* z;                  // nullable
+  const float* A;              // (M, dim, N)
+  const float* B;              // (batch, G, L, N)
+  const float* C;              // (batch, G, L, N)
+  const float* D;              // (M, dim), nullable
+  const float* delta_bias;     // (M, dim), nullable
+  const int32_t* modality;     // (batch, L), nullable
+  const float* initial_state;  // (batch, dim, N), nullable
+  bool softplus;
+};
+
+template <typename T>
+struct FwdOut {
+  T* out;               // (batch, dim, L)
+  float* last_state;    // (batch, dim, N)
+  float* chunk_states;  // (batch, dim, n_chunks, N)
+};
+
+template <typename T>
+struct BwdOut {
+  const T* dout;               // (batch, dim, L)
+  const float* dlast_state;    // (batch, dim, N), nullable
+  const float* chunk_states;   // (batch, dim, n_chunks, N)
+  T* du;                       // (batch, dim, L)
+  T* ddelta;                   // (batch, dim, L)
+  T* dz;                       // (batch, dim, L), nullable (when z is)
+  float* dB_part;              // (batch, G, n_blocks, L, N), zero-initialised
+  float* dC_part;              // (batch, G, n_blocks, L, N), zero-initialised
+  float* dA_part;              // (batch, M, dim, N)
+  float* dD_part;              // (batch, M, dim), nullable
+  float* ddelta_bias_part;     // (batch, M, dim), nullable
+  float* dinitial_state;       // (batch, dim, N), nullable
+};
+
+// Decode step: one token, state updated in place.
+template <typename T, typename S>
+struct StepArgs {
+  int64_t batch, dim, N, G, M;
+  S* state;                // (batch, dim, N)
+  const T* x;              // (batch, dim)
+  const T* dt;             // (batch, dim)
+  const T* z;              // (batch, dim), nullable
+  const float* A;          // (M, dim, N)
+  const float* B;          // (batch, G, N)
+  const float* C;          // (batch, G, N)
+  const float* D;          // (M, dim), nullable
+  const float* dt_bias;    // (M, dim), nullable
+  const int32_t* modality; // (batch,), nullable
+  bool softplus;
+  T* y;                    // (batch, dim)
+};
+
+inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
+inline int64_t tiles_per_group(int64_t dim, int64_t G) { return (dim / G + kTile - 1) / kTile; }
+inline int64_t blocks_per_group(int64_t dim, int64_t G) {
+  return (tiles_per_group(dim, G) + kBlockTiles - 1) / kBlockTiles;
+}
+// Forward tasks are tiles; backward tasks are blocks of tiles.
+inline int64_t fwd_num_tasks(int64_t batch, int64_t dim, int64_t G) {
+  return G == 0 ? 0 : batch * G * tiles_per_group(dim, G);
+}
+inline int64_t bwd_num_tasks(int64_t batch, int64_t dim, int64_t G) {
+  return G == 0 ? 0 : batch * G * blocks_per_group(dim, G);
+}
+// Scratch floats one thread needs (the caller allocates them once per thread).
+inline int64_t fwd_scratch_floats(int64_t N, int64_t M) {
+  return (M * N + 2 * M + N + 5 * kChunk) * kTile;
+}
+inline int64_t bwd_scratch_floats(int64_t N, int64_t M) {
+  return (2 * M * N + 4 * M + 2 * N + (2 * kChunk + 1) * N + 9 * kChunk + 2 * kTile) * kTile;
+}
+
+}  // namespace scan
+
+namespace MOMOE_ISA_NS {
+namespace scan {
+
+using momoe::scan::BwdOut;
+using momoe::scan::FwdOut;
+using momoe::scan::kBlockTiles;
+using momoe::scan::kChunk;
+using momoe::scan::kTile;
+using momoe::scan::ScanArgs;
+using momoe::scan::StepArgs;
+
+// out[n] = sum_c X[n * 16 + c] for a 16 x 16 block: a transpose-and-add tree (45 shuffles and adds
+// instead of 16 horizontal reductions), written with GCC vector extensions.
+inline void row_sums_16x16(const float* __restrict X, float* __restrict out) {
+  typedef float vf __attribute__((vector_size(64)));
+  typedef int32_t vi __attribute__((vector_size(64)));
+  const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const vi lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const vi hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+  const vi lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const vi hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  const vi lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+  const vi hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+  // After the tree, lane j holds the sum of row bitreverse4(j).
+  const vi bitrev = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  vf r[16];
+  for (int i = 0; i < 16; ++i) std::memcpy(&r[i], X + 16 * i, sizeof(vf));
+  vf t8[8], t4[4], t2[2];
+  for (int i = 0; i < 8; ++i)
+    t8[i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], lo8) + __builtin_shuffle(r[2 * i], r[2 * i + 1], hi8);
+  for (int i = 0; i < 4; ++i)
+    t4[i] = __builtin_shuffle(t8[2 * i], t8[2 * i + 1], lo4) + __builtin_shuffle(t8[2 * i], t8[2 * i + 1], hi4);
+  for (int i = 0; i < 2; ++i)
+    t2[i] = __builtin_shuffle(t4[2 * i], t4[2 * i + 1], lo2) + __builtin_shuffle(t4[2 * i], t4[2 * i + 1], hi2);
+  vf s = __builtin_shuffle(t2[0], t2[1], lo1) + __builtin_shuffle(t2[0], t2[1], hi1);
+  s = __builtin_shuffle(s, bitrev);
+  std::memcpy(out, &s, sizeof(vf));
+}
+
+// Transposed load of a (channels, time) slab: dst[t * 16 + c] = src_c[t0 + t] for c < nc, 0 beyond.
+template <typename T>
+inline void load_tile(float* __restrict dst, const T* __restrict src, int64_t L, int nc, int64_t len) {
+  for (int c = 0; c < kTile; ++c) {
+    if (c < nc) {
+      const T* row = src + c * L;
+      for (int64_t t = 0; t < len; ++t) dst[t * kTile + c] = static_cast<float>(row[t]);
+    } else {
+      for (int64_t t = 0; t < len; ++t) dst[t * kTile + c] = 0.0f;
+    }
+  }
+}
+
+template <typename T>
+inline void store_tile(T* __restrict dst, const float* __restrict src, int64_t L, int nc, int64_t len) {
+  for (int c = 0; c < nc; ++c) {
+    T* row = dst + c * L;
+    for (int64_t t = 0; t < len; ++t) row[t] = T(src[t * kTile + c]);
+  }
+}
+
+// Per-tile parameter tables, channel-minor: At[(m * N + n) * 16 + c], Dt/dbt[m * 16 + c].
+inline void load_tables(const float* A, const float* D, const float* db, int64_t dim, int64_t N, int64_t M,
+                        int64_t d0, int nc, float* At, float* Dt, float* dbt) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int c = 0; c < kTile; ++c) At[(m * N + n) * kTile + c] = c < nc ? A[(m * dim + d0 + c) * N + n] : 0.0f;
+    for (int c = 0; c < kTile; ++c) {
+      Dt[m * kTile + c] = (D != nullptr && c < nc) ? D[m * dim + d0 + c] : 0.0f;
+      dbt[m * kTile + c] = (db != nullptr && c < nc) ? db[m * dim + d0 + c] : 0.0f;
+    }
+  }
+}
+
+// dt = softplus(delta + bias[m]) (or without softplus), in place on dtb; du = dt * u in place on
+// dub (which holds u on entry); sg (nullable) = d dt / d (delta + bias).
+inline void prepare_dt(float* __restrict dtb, float* __restrict dub, float* __restrict sg, const float* dbt,
+                       const int32_t* mod, int64_t len, bool softplus) {
+  for (int64_t t = 0; t < len; ++t) {
+    const float* __restrict bias = dbt + (mod != nullptr ? mod[t] : 0) * kTile;
+    float* __restrict dt = dtb + t * kTile;
+    float* __restrict du = dub + t * kTile;
+    if (softplus) {
+      float x[kTile], e[kTile];
+      for (int c = 0; c < kTile; ++c) {
+        x[c] = dt[c] + bias[c];
+        e[c] = simd::softplus_exp(x[c]);
+      }
+      for (int c = 0; c < kTile; ++c) {
+        const float v = simd::softplus_finish(x[c], e[c]);
+        dt[c] = v;
+        du[c] = v * du[c];
+      }
+      if (sg != nullptr) {
+        float* __restrict s = sg + t * kTile;
+        for (int c = 0; c < kTile; ++c) s[c] = simd::sigmoid_from(x[c], e[c]);
+      }
+    } else {
+      for (int c = 0; c < kTile; ++c) {
+        const float v = dt[c] + bias[c];
+        dt[c] = v;
+        du[c] = v * du[c];
+      }
+      if (sg != nullptr)
+        for (int c = 0; c < kTile; ++c) sg[t * kTile + c] = 1.0f;
+    }
+  }
+}
+
+// The scan over one chunk: h[N][16] in place; y[t][16] = sum_n h C. With hs/as non-null, also
+// stores the state before each step (hs[t], and hs[len] after the last) and the decay factors.
+inline void scan_chunk(float* __restrict h, float* __restrict yb, float* __restrict hs, float* __restrict as,
+                       const float* __restrict dtb, const float* __restrict dub, const float* __restrict At,
+                       const float* __restrict Bp, const float* __restrict Cp, const int32_t* mod, int64_t N,
+                       int64_t len) {
+  for (int64_t t = 0; t < len; ++t) {
+    const float* __restrict Am = At + (mod != nullptr ? mod[t] : 0) * N * kTile;
+    const float* __restrict dt = dtb + t * kTile;
+    const float* __restrict du = dub + t * kTile;
+    float y[kTile];
+    for (int c = 0; c < kTile; ++c) y[c] = 0.0f;
+    if (hs != nullptr) std::memcpy(hs + t * N * kTile, h, sizeof(float) * N * kTile);
+    for (int64_t n = 0; n < N; ++n) {
+      const float bn = Bp[t * N + n];
+      const float cn = Cp[t * N + n];
+      float* __restrict hn = h + n * kTile;
+      const float* __restrict An = Am + n * kTile;
+      if (as != nullptr) {
+        float* __restrict an = as + (t * N + n) * kTile;
+        for (int c = 0; c < kTile; ++c) {
+          float a = simd::exp_clamped(dt[c] * An[c]);
+          an[c] = a;
+          float hv = a * hn[c] + du[c] * bn;
+          hn[c] = hv;
+          y[c] += hv * cn;
+        }
+      } else {
+        for (int c = 0; c < kTile; ++c) {
+          float a = simd::exp_clamped(dt[c] * An[c]);
+          float hv = a * hn[c] + du[c] * bn;
+          hn[c] = hv;
+          y[c] += hv * cn;
+        }
+      }
+    }
+    for (int c = 0; c < kTile; ++c) yb[t * kTile + c] = y[c];
+  }
+  if (hs != nullptr) std::memcpy(hs + len * N * kTile, h, sizeof(float) * N * kTile);
+}
+
+// Forward of one tile: channels d0 .. d0 + nc - 1 of batch b, all in group g.
+template <typename T>
+void fwd_tile(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t b, int64_t g, int64_t d0, int nc, float* ws) {
+  const int64_t N = a.N, L = a.L, M = a.M, dim = a.dim;
+  const int64_t n_chunks = momoe::scan::num_chunks(L);
+  float* At = ws;
+  float* Dt = At + M * N * kTile;
+  float* dbt = Dt + M * kTile;
+  float* h = dbt + M * kTile;
+  float* dtb = h + N * kTile;
+  float* dub = dtb + kChunk * kTile;
+  float* yb = dub + kChunk * kTile;
+  float* ub = yb + kChunk * kTile;
+  float* zb = ub + kChunk * kTile;
+  load_tables(a.A, a.D, a.delta_bias, dim, N, M, d0, nc, At, Dt, dbt);
+  for (int c = 0; c < kTile; ++c)
+    for (int64_t n = 0; n < N; ++n)
+      h[n * kTile + c] = (a.initial_state != nullptr && c < nc) ? a.initial_state[((b * dim) + d0 + c) * N + n] : 0.0f;
+  const float* Bg = a.B + (b * a.G + g) * N * L;
+  const float* Cg = a.C + (b * a.G + g) * N * L;
+  const int64_t row0 = (b * dim + d0) * L;
+  for (int64_t ci = 0; ci < n_chunks; ++ci) {
+    const int64_t t0 = ci * kChunk;
+    const int64_t len = L - t0 < kChunk ? L - t0 : kChunk;
+    const int32_t* mod = a.modality != nullptr ? a.modality + b * L + t0 : nullptr;
+    for (int c = 0; c < nc; ++c)
+      for (int64_t n = 0; n < N; ++n) o.chunk_states[(((b * dim) + d0 + c) * n_chunks + ci) * N + n] = h[n * kTile + c];
+    load_tile(dtb, a.delta + row0 + t0, L, nc, len);
+    load_tile(ub, a.u + row0 + t0, L, nc, len);
+    std::memcpy(dub, ub, sizeof(float) * len * kTile);
+    prepare_dt(dtb, dub, nullptr, dbt, mod, len, a.softplus);
+    scan_chunk(h, yb, nullptr, nullptr, dtb, dub, At, Bg + t0 * N, Cg + t0 * N, mod, N, len);
+    // Epilogue in the (time, channel) tile layout: D skip and SiLU(z) gate.
+    if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
+    for (int64_t t = 0; t < len; ++t) {
+      const float* __restrict Dm = Dt + (mod != nullptr ? mod[t] : 0) * kTile;
+      float* __restrict y = yb + t * kTile;
+      const float* __restrict uu = ub + t * kTile;
+      for (int c = 0; c < kTile; ++c) y[c] += Dm[c] * uu[c];
+      if (a.z != nullptr) {
+        const float* __restrict zz = zb + t * kTile;
+        for (int c = 0; c < kTile; ++c) y[c] *= simd::silu(zz[c]);
+      }
+    }
+    store_tile(o.out + row0 + t0, yb, L, nc, len);
+  }
+  for (int c = 0; c < nc; ++c)
+    for (int64_t n = 0; n < N; ++n) o.last_state[((b * dim) + d0 + c) * N + n] = h[n * kTile + c];
+}
+
+template <typename T>
+void fwd_tasks(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t begin, int64_t end, float* ws) {
+  const int64_t dpg = a.dim / a.G;
+  const int64_t tpg = momoe::scan::tiles_per_group(a.dim, a.G);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / (a.G * tpg);
+    const int64_t g = (task / tpg) % a.G;
+    const int64_t tile = task % tpg;
+    const int64_t c0 = tile * kTile;
+    const int nc = static_cast<int>(dpg - c0 < kTile ? dpg - c0 : kTile);
+    fwd_tile(a, o, b, g, g * dpg + c0, nc, ws);
+  }
+}
+
+// One state row of the reverse step (16 channels): g = dh + dy * C; dA += g a h_prev dt;
+// ddt += g a h_prev A; dbu += g B; PB = g * dt * u (for dB), PC = dy * h (for dC); dh = g * a.
+inline void bwd_state_step(float* __restrict dh, float* __restrict dA, float* __restrict ddt, float* __restrict dbu,
+                           float* __restrict pb, float* __restrict pc, const float* __restrict dy,
+                           const float* __restrict hp, const float* __restrict hc, const float* __restrict an,
+                           const float* __restrict An, const float* __restrict dt, const float* __restrict du, float bn,
+                           float cn) {
+  for (int c = 0; c < kTile; ++c) {
+    const float g = dh[c] + dy[c] * cn;
+    const float q = g * an[c] * hp[c];
+    dA[c] += q * dt[c];
+    ddt[c] += q * An[c];
+    dbu[c] += g * bn;
+    pb[c] = g * du[c];
+    pc[c] = dy[c] * hc[c];
+    dh[c] = g * an[c];
+  }
+}
+
+// Backward of one tile; dBp / dCp: this block's (L, N) partial sums.
+template <typename T>
+void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, int64_t d0, int nc, float* dBp,
+              float* dCp, float* ws) {
+  const int64_t N = a.N, L = a.L, M = a.M, dim = a.dim;
+  const int64_t n_chunks = momoe::scan::num_chunks(L);
+  float* At = ws;
+  float* Dt = At + M * N * kTile;
+  float* dbt = Dt + M * kTile;
+  float* dAt = dbt + M * kTile;
+  float* dDt = dAt + M * N * kTile;
+  float* ddbt = dDt + M * kTile;
+  float* dh = ddbt + M * kTile;
+  float* hrun = dh + N * kTile;
+  float* hs = hrun + N * kTile;                // (kChunk + 1) x N x 16
+  float* as = hs + (kChunk + 1) * N * kTile;   // kChunk x N x 16
+  float* dtb = as + kChunk * N * kTile;
+  float* dub = dtb + kChunk * kTile;
+  float* ub = dub + kChunk * kTile;
+  float* sgb = ub + kChunk * kTile;
+  float* yb = sgb + kChunk * kTile;
+  float* dyb = yb + kChunk * kTile;
+  float* dyDb = dyb + kChunk * kTile;
+  float* ddtb = dyDb + kChunk * kTile;
+  float* dutb = ddtb + kChunk * kTile;
+  float* PB = dutb + kChunk * kTile;  // 16 x 16
+  float* PC = PB + kTile * kTile;     // 16 x 16
+  load_tables(a.A, a.D, a.delta_bias, dim, N, M, d0, nc, At, Dt, dbt);
+  std::memset(dAt, 0, sizeof(float) * M * N * kTile);
+  std::memset(dDt, 0, sizeof(float) * M * kTile);
+  std::memset(ddbt, 0, sizeof(float) * M * kTile);
+  for (int c = 0; c < kTile; ++c)
+    for (int64_t n = 0; n < N; ++n)
+      dh[n * kTile + c] = (o.dlast_state != nullptr && c < nc) ? o.dlast_state[((b * dim) + d0 + c) * N + n] : 0.0f;
+  const float* Bg = a.B + (b * a.G + g) * N * L;
+  const float* Cg = a.C + (b * a.G + g) * N * L;
+  const int64_t row0 = (b * dim + d0) * L;
+  for (int64_t ci = n_chunks - 1; ci >= 0; --ci) {
+    const int64_t t0 = ci * kChunk;
+    const int64_t len = L - t0 < kChunk ? L - t0 : kChunk;
+    const int32_t* mod = a.modality != nullptr ? a.modality + b * L + t0 : nullptr;
+    // Recompute the chunk's states and decay factors from its saved start state.
+    for (int c = 0; c < kTile; ++c)
+      for (int64_t n = 0; n < N; ++n)
+        hrun[n * kTile + c] = c < nc ? o.chunk_states[(((b * dim) + d0 + c) * n_chunks + ci) * N + n] : 0.0f;
+    load_tile(dtb, a.delta + row0 + t0, L, nc, len);
+    load_tile(ub, a.u + row0 + t0, L, nc, len);
+    std::memcpy(dub, ub, sizeof(float) * len * kTile);
+    prepare_dt(dtb, dub, sgb, dbt, mod, len, a.softplus);
+    scan_chunk(hrun, yb, hs, as, dtb, dub, At, Bg + t0 * N, Cg + t0 * N, mod, N, len);
+    // Gate and D skip in the tile layout: dy = dout * silu(z), dz, dD; dyDb = dy * D. ddtb and dutb
+    // hold dout and z here (they are outputs of the reverse scan below); dz overwrites yb.
+    float* dob = ddtb;
+    float* zb = dutb;
+    load_tile(dob, o.dout + row0 + t0, L, nc, len);
+    if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t m = mod != nullptr ? mod[t] : 0;
+      const float* __restrict Dm = Dt + m * kTile;
+      float* __restrict dDm = dDt + m * kTile;
+      const float* __restrict gout = dob + t * kTile;
+      const float* __restrict uu = ub + t * kTile;
+      float* __restrict y = yb + t * kTile;
+      float* __restrict dy = dyb + t * kTile;
+      float* __restrict dyD = dyDb + t * kTile;
+      if (a.z != nullptr) {
+        const float* __restrict zz = zb + t * kTile;
+        for (int c = 0; c < kTile; ++c) {
+          const float s = simd::sigmoid(zz[c]);
+          const float yv = y[c] + Dm[c] * uu[c];
+          y[c] = gout[c] * yv * s * (1.0f + zz[c] * (1.0f - s));  // dz
+          dy[c] = gout[c] * zz[c] * s;
+        }
+      } else {
+        for (int c = 0; c < kTile; ++c) dy[c] = gout[c];
+      }
+      for (int c = 0; c < kTile; ++c) {
+        dyD[c] = dy[c] * Dm[c];
+        dDm[c] += dy[c] * uu[c];
+      }
+    }
+    if (o.dz != nullptr) store_tile(o.dz + row0 + t0, yb, L, nc, len);
+    // Reverse scan over the chunk.
+    for (int64_t t = len - 1; t >= 0; --t) {
+      const int64_t m = mod != nullptr ? mod[t] : 0;
+      const float* __restrict Am = At + m * N * kTile;
+      float* __restrict dAm = dAt + m * N * kTile;
+      const float* __restrict dt = dtb + t * kTile;
+      const float* __restrict du = dub + t * kTile;
+      const float* __restrict dy = dyb + t * kTile;
+      const float* __restrict hprev = hs + t * N * kTile;
+      const float* __restrict hcur = hs + (t + 1) * N * kTile;
+      const float* __restrict at = as + t * N * kTile;
+      float ddt[kTile], dbu[kTile];
+      for (int c = 0; c < kTile; ++c) ddt[c] = dbu[c] = 0.0f;
+      for (int64_t n0 = 0; n0 < N; n0 += kTile) {
+        const int64_t nn = N - n0 < kTile ? N - n0 : kTile;
+        for (int64_t j = 0; j < nn; ++j) {
+          const int64_t n = n0 + j;
+          const float bn = Bg[(t0 + t) * N + n];
+          const float cn = Cg[(t0 + t) * N + n];
+          bwd_state_step(dh + n * kTile, dAm + n * kTile, ddt, dbu, PB + j * kTile, PC + j * kTile, dy,
+                         hprev + n * kTile, hcur + n * kTile, at + n * kTile, Am + n * kTile, dt, du, bn, cn);
+        }
+        for (int64_t j = nn; j < kTile; ++j)
+          for (int c = 0; c < kTile; ++c) PB[j * kTile + c] = PC[j * kTile + c] = 0.0f;
+        float sB[kTile], sC[kTile];
+        row_sums_16x16(PB, sB);
+        row_sums_16x16(PC, sC);
+        for (int64_t j = 0; j < nn; ++j) {
+          dBp[(t0 + t) * N + n0 + j] += sB[j];
+          dCp[(t0 + t) * N + n0 + j] += sC[j];
+        }
+      }
+      const float* __restrict uv = ub + t * kTile;
+      const float* __restrict sg = sgb + t * kTile;
+      const float* __restrict dyD = dyDb + t * kTile;
+      float* __restrict ddb = ddbt + m * kTile;
+      float* __restrict ddo = ddtb + t * kTile;
+      float* __restrict duo = dutb + t * kTile;
+      for (int c = 0; c < kTile; ++c) {
+        const float gd = (ddt[c] + dbu[c] * uv[c]) * sg[c];
+        ddo[c] = gd;
+        ddb[c] += gd;
+        duo[c] = dbu[c] * dt[c] + dyD[c];
+      }
+    }
+    store_tile(o.ddelta + row0 + t0, ddtb, L, nc, len);
+    store_tile(o.du + row0 + t0, dutb, L, nc, len);
+  }
+  for (int c = 0; c < nc; ++c) {
+    const int64_t d = d0 + c;
+    if (o.dinitial_state != nullptr)
+      for (int64_t n = 0; n < N; ++n) o.dinitial_state[(b * dim + d) * N + n] = dh[n * kTile + c];
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) o.dA_part[((b * M + m) * dim + d) * N + n] = dAt[(m * N + n) * kTile + c];
+      if (o.dD_part != nullptr) o.dD_part[(b * M + m) * dim + d] = dDt[m * kTile + c];
+      if (o.ddelta_bias_part != nullptr) o.ddelta_bias_part[(b * M + m) * dim + d] = ddbt[m * kTile + c];
+    }
+  }
+}
+
+template <typename T>
+void bwd_tasks(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t begin, int64_t end, float* ws) {
+  const int64_t dpg = a.dim / a.G;
+  const int64_t tpg = momoe::scan::tiles_per_group(a.dim, a.G);
+  const int64_t bpg = momoe::scan::blocks_per_group(a.dim, a.G);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / (a.G * bpg);
+    const int64_t g = (task / bpg) % a.G;
+    const int64_t blk = task % bpg;
+    float* dBp = o.dB_part + ((b * a.G + g) * bpg + blk) * a.N * a.L;
+    float* dCp = o.dC_part + ((b * a.G + g) * bpg + blk) * a.N * a.L;
+    for (int64_t tile = blk * kBlockTiles; tile < tpg && tile < (blk + 1) * kBlockTiles; ++tile) {
+      const int64_t c0 = tile * kTile;
+      const int nc = static_cast<int>(dpg - c0 < kTile ? dpg - c0 : kTile);
+      bwd_tile(a, o, b, g, g * dpg + c0, nc, dBp, dCp, ws);
+    }
+  }
+}
+
+// Decode step for rows (b, d) in [begin, end) of batch * dim.
+template <typename T, typename S>
+void step_rows(const StepArgs<T, S>& a, int64_t begin, int64_t end) {
+  const int64_t N = a.N, dim = a.dim;
+  const int64_t dpg = dim / a.G;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / dim, d = row % dim;
+    const int64_t g = d / dpg;
+    const int64_t m = a.modality != nullptr ? a.modality[b] : 0;
+    float dt = static_cast<float>(a.dt[row]) + (a.dt_bias != nullptr ? a.dt_bias[m * dim + d] : 0.0f);
+    if (a.softplus) dt = simd::softplus(dt);
+    const float x = static_cast<float>(a.x[row]);
+    const float dtx = dt * x;
+    const float* __restrict An = a.A + (m * dim + d) * N;
+    const float* __restrict Bn = a.B + (b * a.G + g) * N;
+    const float* __restrict Cn = a.C + (b * a.G + g) * N;
+    S* __restrict st = a.state + row * N;
+    float y = 0.0f;
+    for (int64_t n = 0; n < N; ++n) {
+      const float hv = simd::exp(dt * An[n]) * static_cast<float>(st[n]) + dtx * Bn[n];
+      st[n] = S(hv);
+      y += hv * Cn[n];
+    }
+    if (a.D != nullptr) y += a.D[m * dim + d] * x;
+    if (a.z != nullptr) y *= simd::silu(static_cast<float>(a.z[row]));
+    a.y[row] = T(y);
+  }
+}
+
+}  // namespace scan
+}  // namespace MOMOE_ISA_NS
+}  // namespace momoe
