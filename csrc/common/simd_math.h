@@ -83,6 +83,29 @@ inline float exp_clamped(float x) {
   return p * bits_to_float(static_cast<uint32_t>(ki + 127) << 23);
 }
 
+#if defined(MOMOE_SCAN_AVX512)
+// exp_clamped of 16 lanes with AVX-512: the same clamps and range reduction, the polynomial in
+// Horner form, and the 2^k scaling by vscalefps (the caller includes <immintrin.h> and compiles
+// for AVX-512). NaN propagates (min/max return their second operand for a NaN).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.3f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.33654475f), x);
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
 // Natural log for x >= FLT_MIN (Cephes' logf polynomial): within 2 ulp.
 inline float log(float x) {
   uint32_t ix = float_to_bits(x);

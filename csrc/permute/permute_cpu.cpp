@@ -10,15 +10,11 @@
 #endif
 #include <cstdlib>
 
+#include "common/c10_types.h"
 #include "common/checks.h"
 #include "permute/permute_kernel.h"
 
 namespace momoe {
-namespace permute {
-template <>
-struct is_bfloat16<c10::BFloat16> : std::true_type {};
-}  // namespace permute
-
 namespace {
 
 // Outputs of tens of MiB are fresh mmap'ed memory whose 4 KiB first-touch page faults cost more than

@@ -5,7 +5,7 @@
 //   * scatter_rows_backward  grad_y[r] = w[r] * g[index[r]], grad_w[r] = <g[index[r]], y[r]>
 //
 // Element types T: float, c10::BFloat16 / c10::Half (in the glue) or momoe_test::bf16 (in the C++ tests);
-// values are converted with static_cast<float>(v) and T(f) (bit-level for types marked is_bfloat16).
+// values are converted with static_cast<float>(v) and T(f) (bit-level for types marked momoe::is_bfloat16, see common/bfloat16.h).
 // Weights W are T or float.
 // Parallelism is injected: every driver takes `pf(begin, end, grain, fn)` which must call
 // fn(b, e) on disjoint sub-ranges covering [begin, end) (at::parallel_for in the glue, SerialFor in tests).
@@ -17,42 +17,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/bfloat16.h"
+
 namespace momoe {
 namespace permute {
 
-// Specialise to std::true_type for a bfloat16 type (2 bytes, the top half of an fp32): its rows are then
-// converted with plain integer ops on the bits, which vectorize (the conversions of c10::BFloat16 go
-// through a NaN branch). Rounding is to nearest even, NaN stays NaN, like c10::BFloat16.
-template <typename T>
-struct is_bfloat16 : std::false_type {};
-
-template <typename T>
-inline float load_float(const T* p, int64_t i) {
-  if constexpr (is_bfloat16<T>::value) {
-    static_assert(sizeof(T) == 2, "bfloat16 types must be 2 bytes");
-    uint16_t bits;
-    std::memcpy(&bits, reinterpret_cast<const char*>(p) + 2 * i, 2);
-    const uint32_t u = static_cast<uint32_t>(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  } else {
-    return static_cast<float>(p[i]);
-  }
-}
-
-template <typename T>
-inline void store_float(T* p, int64_t i, float f) {
-  if constexpr (is_bfloat16<T>::value) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    uint16_t bits = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    bits = (f != f) ? static_cast<uint16_t>(0x7FC0) : bits;
-    std::memcpy(reinterpret_cast<char*>(p) + 2 * i, &bits, 2);
-  } else {
-    p[i] = T(f);
-  }
-}
+using momoe::load_float;
+using momoe::store_float;
 
 // Runs fn on the whole range in the calling thread.
 struct SerialFor {

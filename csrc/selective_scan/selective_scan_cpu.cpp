@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/c10_types.h"
 #include "selective_scan/selective_scan_kernel.h"  // the portable build: momoe::generic::scan
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

@@ -3,8 +3,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "common/c10_types.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options

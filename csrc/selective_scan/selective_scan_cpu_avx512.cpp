@@ -3,13 +3,18 @@
 #include <cstdint>
 #include <cstring>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include "common/c10_types.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+// GCC 12's AVX-512 headers self-initialise a dummy operand (`__m512 __Y = __Y;`) in min/max/
+// roundscale/scalef, which -Wmaybe-uninitialized reports at every use.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define MOMOE_ISA_NS avx512
+#define MOMOE_SCAN_AVX512 1
 #include "selective_scan/selective_scan_kernel.h"
 
 namespace momoe {

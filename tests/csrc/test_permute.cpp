@@ -14,7 +14,7 @@ namespace pk = momoe::permute;
 // Instantiate the bit-level bfloat16 path (as the glue does for c10::BFloat16); `bf16_cast` below is a
 // bf16 stand-in that keeps the generic static_cast path, so both paths are checked against naive loops.
 template <>
-struct momoe::permute::is_bfloat16<bf16> : std::true_type {};
+struct momoe::is_bfloat16<bf16> : std::true_type {};
 struct bf16_cast : bf16 {
   using bf16::bf16;
   bf16_cast() = default;

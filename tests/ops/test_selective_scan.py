@@ -128,6 +128,19 @@ def test_scan_matches_reference(case):
     compare(make_inputs(dim=dim, N=16 if case["L"] == 600 else 4 + 4 * long, **case))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
+def test_scan_every_instruction_set(isa, dtype, monkeypatch):
+    """Each CPU build of the kernel (MOMOE_CPU_ISA narrows the run-time choice) against the reference:
+    dim 40 = two full 16-channel tiles and a partial one, L 275 = full 16-step blocks, a tail and a
+    chunk boundary (the AVX-512 transposes and scalef exp, and their scalar fallbacks)."""
+    if isa != "native":
+        monkeypatch.setenv("MOMOE_CPU_ISA", isa)
+    low = dtype != torch.float32
+    compare(make_inputs(dim=40, L=275, N=16, M=3, dtype=dtype, param_dtype=dtype if low else None,
+                        state_dtype=dtype if low else torch.float32))
+
+
 @pytest.mark.parametrize("used", ["out", "out_sum", "last_state"])
 def test_scan_backward_one_output(used):
     """Backward when only one of (out, last_state) reaches the loss (the other cotangent is absent)."""
