@@ -16,7 +16,7 @@ from typing import Dict, List
 import torch
 
 import momoe.ops as ops
-from benchmarks.common import environment, measure, print_table, write_json
+from benchmarks.common import environment, keep_freed_memory, measure, print_table, write_json
 from momoe.ops.selective_scan import naive as scan_naive
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,7 +35,34 @@ def split_sizes(total: int, groups: int, skewed: bool) -> torch.Tensor:
     return sizes
 
 
+def random_splits(total: int, groups: int, seed: int):
+    """An endless stream of routing splits that change every call, as in training: Dirichlet(0.5)
+    expert popularity, then multinomial token counts (empty groups happen)."""
+    gen = torch.Generator().manual_seed(seed)
+    concentration = torch.full((groups,), 0.5)
+    while True:
+        probs = torch._sample_dirichlet(concentration, generator=gen)
+        yield torch.multinomial(probs, total, replacement=True, generator=gen).bincount(minlength=groups)
+
+
+def grouped_gemm_impls(x: torch.Tensor, w: torch.Tensor) -> Dict[str, object]:
+    """Each grouped GEMM implementation as fn(sizes) -> y."""
+
+    def loop(sizes):
+        bounds = [0] + sizes.cumsum(0).tolist()
+        return torch.cat([x[bounds[g] : bounds[g + 1]] @ w[g] for g in range(w.shape[0])])
+
+    return {
+        "per-group loop": loop,
+        "torch._grouped_mm": lambda sizes: torch._grouped_mm(x, w, offs=sizes.cumsum(0).to(torch.int32)),
+        "momoe grouped_gemm": lambda sizes: ops.grouped_gemm(x, w, sizes),
+    }
+
+
 def bench_grouped_gemm(args) -> List[Dict[str, object]]:
+    """Fixed splits (balanced; skewed with an empty group), and a split that changes at every call
+    after a warm-up of 40 calls (training: oneDNN's bf16 GEMMs generate a kernel per new row count,
+    which momoe bounds by rounding row counts to a multiple of 32)."""
     T, K, N, G = args.gemm_tokens, 1024, 2816, 8
     rows = []
     for dname, dtype in DTYPES.items():
@@ -44,20 +71,20 @@ def bench_grouped_gemm(args) -> List[Dict[str, object]]:
         w_dense = w[0].clone()
         flops = 2.0 * T * K * N
         t_dense = measure(lambda: torch.mm(x, w_dense), repeat=args.repeat)
-        for split in ("balanced", "skewed"):
-            sizes = split_sizes(T, G, split == "skewed")
-            offs = sizes.cumsum(0).to(torch.int32)
-            bounds = [0] + offs.tolist()
-
-            def loop():
-                return torch.cat([x[bounds[g] : bounds[g + 1]] @ w[g] for g in range(G)])
-
-            timings = {
-                "dense torch.mm": t_dense,
-                "per-group loop": measure(loop, repeat=args.repeat),
-                "torch._grouped_mm": measure(lambda: torch._grouped_mm(x, w, offs=offs), repeat=args.repeat),
-                "momoe grouped_gemm": measure(lambda: ops.grouped_gemm(x, w, sizes), repeat=args.repeat),
-            }
+        impls = grouped_gemm_impls(x, w)
+        for split in ("balanced", "skewed", "changing"):
+            timings = {"dense torch.mm": t_dense}
+            for seed, (name, fn) in enumerate(impls.items()):
+                if split == "changing":
+                    # A stream of its own for each implementation: oneDNN's kernel cache is shared, so
+                    # the same splits would let a later implementation reuse an earlier one's kernels.
+                    stream = random_splits(T, G, seed=seed)
+                    for _ in range(40):
+                        fn(next(stream))
+                    timings[name] = measure(lambda: fn(next(stream)), repeat=args.repeat)
+                else:
+                    sizes = split_sizes(T, G, split == "skewed")
+                    timings[name] = measure(lambda: fn(sizes), repeat=args.repeat)
             ours = timings["momoe grouped_gemm"]
             for name, t in timings.items():
                 rows.append({
@@ -190,6 +217,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
     parser.add_argument("--json", default=None, help="write the tables to this JSON file")
+    parser.add_argument("--allocator", choices=["keep", "system"], default="keep",
+                        help="keep: glibc keeps freed memory (steady state, no page faults of fresh outputs in "
+                             "any timing; see benchmarks/common.py); system: glibc's defaults")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--ref-repeat", type=int, default=2, help="runs of the slow pure-PyTorch scan reference")
     parser.add_argument("--gemm-tokens", type=int, default=8192)
@@ -199,6 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     env = environment()
+    env["allocator"] = "glibc keeps freed memory" if args.allocator == "keep" and keep_freed_memory() else "system"
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     results: Dict[str, object] = {"environment": env}
     with torch.inference_mode(False):

@@ -1,4 +1,6 @@
 """Timing, tables and JSON output shared by the benchmark scripts."""
+import ctypes
+import ctypes.util
 import datetime
 import json
 import os
@@ -9,6 +11,26 @@ import time
 from typing import Callable, Dict, List, Sequence
 
 import torch
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse, as a caching allocator (jemalloc, tcmalloc, CUDA's) does.
+
+    By default glibc returns every block above 32 MiB to the kernel when it is freed, so the next large
+    output is fresh memory whose first touch costs a page fault and a page clear per 4 KiB; whether an
+    allocation hits that path depends on the state of the heap, which made timings of ops returning
+    large tensors swing by 2x from run to run. With mmap disabled and trimming off, every implementation
+    in the table reuses warm memory and the timings measure the kernels. Returns False where this is
+    not glibc (nothing changes then).
+    """
+    libc_name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def measure(fn: Callable[[], object], warmup: int = 2, repeat: int = 5, min_time: float = 0.0) -> float:

@@ -156,26 +156,28 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     });
     return y;
   }
-  // One group after another, each GEMM using all threads. A run of consecutive groups of the same
-  // size (expert-choice routing with a fixed capacity, balanced splits) is one batched GEMM, of
-  // exact size: such sizes repeat from step to step, so their oneDNN kernel stays cached.
+  // One group after another, each GEMM using all threads. In bf16/fp16, a run of consecutive groups
+  // of the same size that is a multiple of the row quantum (expert-choice routing with a fixed
+  // capacity, balanced splits) is one batched GEMM (~3% faster than a loop at 8 x 1024 rows). Other
+  // runs, and every fp32 run, are looped: a batched GEMM of 5 x 682 rows measured 15% slower than
+  // five GEMMs (MKL fp32 and oneDNN bf16 alike).
   for (int64_t g = 0; g < G;) {
     const int64_t m = sizes[g];
     int64_t h = g + 1;
     while (h < G && sizes[h] == m) ++h;
-    if (m > 0 && h - g >= 2) {
+    if (m > 0 && h - g >= 2 && q > 1 && m % q == 0) {
       const at::Tensor w_r = w_G.narrow(0, g, h - g);
       at::Tensor y_r = y.narrow(0, begin[g], m * (h - g)).view({h - g, m, N});
       at::bmm_out(y_r, x_TK.narrow(0, begin[g], m * (h - g)).view({h - g, m, K}), trans_w ? w_r.transpose(1, 2) : w_r);
       g = h;
       continue;
     }
-    if (m > 0) {
+    for (; g < h; ++g) {
+      if (m == 0) continue;
       std::vector<Window> windows;
       add_windows(windows, g, begin[g], m, T, q, /*spill=*/true);
       for (const Window& win : windows) gemm(win);
     }
-    ++g;
   }
   return y;
 }

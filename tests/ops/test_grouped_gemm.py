@@ -27,9 +27,12 @@ SHAPES = [
     (9, 0, 7, [4, 0, 5]),
     (17, 8, 5, [1, 2, 0, 3, 1, 4, 0, 6]),
     (300, 512, 160, [200, 0, 100]),
-    # bf16/fp16 windows: rounded up into the next group's rows, a batched run of equal sizes, a
-    # tail group covered by two windows; and many small groups spread over threads.
+    # bf16/fp16 windows: rounded up into the next group's rows, a batched run of equal sizes (a
+    # multiple of the 32-row quantum), a tail group covered by two windows; and many small groups
+    # spread over threads.
     (300, 512, 640, [45, 0, 64, 64, 70, 57]),
+    # a run of equal sizes off the quantum: looped, each window spilling into the next group
+    (200, 64, 96, [45, 45, 45, 65]),
     (150, 8, 5, [40, 0, 50, 33, 27]),
 ]
 
