@@ -29,38 +29,9 @@ inline uint32_t float_to_bits(float f) {
   return u;
 }
 
-// exp(x) with Cody-Waite range reduction x = k*ln2 + r, |r| <= ln2/2, and a degree-7 polynomial
-// for exp(r) (Cephes' expf coefficients): within 2 ulp for results in the normal range.
-// Results below the smallest normal float flush to 0; x > 88.3 gives +inf (exp(88.3) is ~2.2e38);
-// NaN propagates.
-inline float exp(float x) {
-  const float hi = 88.3f;
-  const float lo = -87.33654475f;  // log(FLT_MIN)
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  // k = round(x / ln2) by the 1.5 * 2^23 trick (exact for |k| < 2^22).
-  const float magic = 12582912.0f;
-  float t = xc * 1.44269504088896341f + magic;
-  float k = t - magic;
-  int32_t ki = static_cast<int32_t>(float_to_bits(t)) - static_cast<int32_t>(0x4B400000u);
-  float r = xc - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  float scale = bits_to_float(static_cast<uint32_t>(ki + 127) << 23);
-  float y = p * scale;
-  y = x > hi ? bits_to_float(0x7F800000u) : y;
-  y = x < lo ? 0.0f : y;
-  return y;
-}
-
-// exp(x) for the hot loops: the same polynomial as exp() inside [log(FLT_MIN), 88.3], with the
-// argument clamped to that range (so x -> -inf gives FLT_MIN ~ 1.2e-38 instead of 0 and x > 88.3
+// exp(x) for the hot loops: Cody-Waite range reduction x = k*ln2 + r, |r| <= ln2/2, and a degree-7
+// polynomial for exp(r) (Cephes' expf coefficients), within 2 ulp, with the argument clamped to
+// [log(FLT_MIN), 88.3] (so x -> -inf gives FLT_MIN ~ 1.2e-38 instead of 0 and x > 88.3
 // gives exp(88.3)); NaN propagates. The clamps compile to a min and a max, with no selects.
 inline float exp_clamped(float x) {
   const float hi = 88.3f;
@@ -81,6 +52,15 @@ inline float exp_clamped(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
   return p * bits_to_float(static_cast<uint32_t>(ki + 127) << 23);
+}
+
+// exp(x): exp_clamped without the clamps' effect at the ends: results below the smallest normal
+// float flush to 0 and x > 88.3 gives +inf (exp(88.3) is ~2.2e38); NaN propagates.
+inline float exp(float x) {
+  float y = exp_clamped(x);
+  y = x > 88.3f ? bits_to_float(0x7F800000u) : y;
+  y = x < -87.33654475f ? 0.0f : y;
+  return y;
 }
 
 #if defined(MOMOE_SCAN_AVX512)
