@@ -11,6 +11,15 @@
 #include <cstring>
 #include <type_traits>
 
+// MOMOE_CPU_CLONES before a row loop compiles it three times, for AVX-512, for AVX2 + FMA and for
+// the baseline, and lets the loader pick the one this CPU runs (GCC's target_clones, an ifunc:
+// Linux on x86-64; elsewhere the loop is compiled once for the baseline).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define MOMOE_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define MOMOE_CPU_CLONES
+#endif
+
 namespace momoe {
 
 template <typename T>

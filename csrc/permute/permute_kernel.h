@@ -119,7 +119,7 @@ void gather_rows(const T* x, int64_t x_stride, int64_t D, const Id* index, int64
 
 // acc[d] (+)= w * src[d] over D elements; the first contribution assigns.
 template <typename T>
-inline void axpy_row(float* acc, const T* src, float w, int64_t D, bool first) {
+MOMOE_CPU_CLONES void axpy_row(float* acc, const T* src, float w, int64_t D, bool first) {
   if (first) {
     for (int64_t d = 0; d < D; ++d) acc[d] = w * load_float(src, d);
   } else {
@@ -136,7 +136,7 @@ inline void fill_zero_row(T* dst, int64_t D) {
 
 // dst = w0 * y0 (+ w1 * y1 when y1 is non-null) (+ acc when acc is non-null, added first).
 template <typename T>
-inline void combine_row(T* dst, const float* acc, const T* y0, float w0, int64_t D) {
+MOMOE_CPU_CLONES void combine_row(T* dst, const float* acc, const T* y0, float w0, int64_t D) {
   if (acc) {
     for (int64_t d = 0; d < D; ++d) store_float(dst, d, acc[d] + w0 * load_float(y0, d));
   } else {
@@ -145,7 +145,7 @@ inline void combine_row(T* dst, const float* acc, const T* y0, float w0, int64_t
 }
 
 template <typename T>
-inline void combine_two_rows(T* dst, const T* y0, float w0, const T* y1, float w1, int64_t D) {
+MOMOE_CPU_CLONES void combine_two_rows(T* dst, const T* y0, float w0, const T* y1, float w1, int64_t D) {
   for (int64_t d = 0; d < D; ++d) store_float(dst, d, w0 * load_float(y0, d) + w1 * load_float(y1, d));
 }
 
@@ -197,7 +197,7 @@ void scatter_rows_csr(const T* y, int64_t y_stride, int64_t D, const int64_t* or
 
 // Dot product of two rows in fp32 with 8 interleaved partial sums (a fixed order, vectorizable).
 template <typename T>
-inline float dot_row(const T* a, const T* b, int64_t D) {
+MOMOE_CPU_CLONES float dot_row(const T* a, const T* b, int64_t D) {
   float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8)
