@@ -37,8 +37,14 @@ ctest: $(STAMP)
 	$(VENV)/bin/cmake --build build-cmake -j2
 	cd build-cmake && ../$(VENV)/bin/ctest --output-on-failure
 
+# Steady state (glibc keeps freed memory) for every family, then gemm and permute again with glibc's
+# default allocator (fresh page-faulted outputs); tables in .txt, numbers in .json.
 bench: $(STAMP)
-	$(PY) -m benchmarks.bench_ops --json benchmarks/results/bench_ops_cpu.json
+	$(PY) -m benchmarks.bench_ops --json benchmarks/results/bench_ops_cpu.json > benchmarks/results/bench_ops_cpu.txt && \
+		cat benchmarks/results/bench_ops_cpu.txt
+	$(PY) -m benchmarks.bench_ops --allocator system --only gemm,permute \
+		--json benchmarks/results/bench_ops_cpu_system_allocator.json > benchmarks/results/bench_ops_cpu_system_allocator.txt && \
+		cat benchmarks/results/bench_ops_cpu_system_allocator.txt
 
 wheel: $(PY)
 	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .

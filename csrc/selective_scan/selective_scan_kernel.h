@@ -327,15 +327,15 @@ inline void prepare_dt(float* __restrict dtb, float* __restrict dub, float* __re
 // a = exp(dt * A[n]) (stored to an[n] when an is non-null), h[n] = a * h[n] + du * B[n], and
 // y = sum_n h[n] * C[n] (summed in ascending n).
 #if defined(MOMOE_SCAN_AVX512)
-// AVX-512: exp through scalef (no integer exponent tricks, no selects), h and y kept in zmm.
+// AVX-512: a = 2^(dt log2(e) A) through scalef (no integer exponent tricks, no selects).
 inline void scan_step(float* __restrict h, float* __restrict y, float* __restrict an,
                       const float* __restrict dt, const float* __restrict du, const float* __restrict Am,
                       const float* __restrict Bt, const float* __restrict Ct, int64_t N) {
-  const __m512 dtv = _mm512_loadu_ps(dt);
+  const __m512 dt2 = _mm512_mul_ps(_mm512_loadu_ps(dt), _mm512_set1_ps(simd::kLog2e));
   const __m512 duv = _mm512_loadu_ps(du);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t n = 0; n < N; ++n) {
-    const __m512 a = simd::exp16(_mm512_mul_ps(dtv, _mm512_loadu_ps(Am + n * kTile)));
+    const __m512 a = simd::exp2_16(_mm512_mul_ps(dt2, _mm512_loadu_ps(Am + n * kTile)));
     if (an != nullptr) _mm512_storeu_ps(an + n * kTile, a);
     const __m512 hv = _mm512_fmadd_ps(a, _mm512_loadu_ps(h + n * kTile), _mm512_mul_ps(duv, _mm512_set1_ps(Bt[n])));
     _mm512_storeu_ps(h + n * kTile, hv);
@@ -373,6 +373,23 @@ inline void scan_step(float* __restrict h, float* __restrict y, float* __restric
     }
   }
   for (int c = 0; c < kTile; ++c) y[c] = acc[c];
+}
+#endif
+
+// The forward's epilogue for one timestep of the tile: y = (y + D u) * silu(z) (no gate when z is null).
+#if defined(MOMOE_SCAN_AVX512)
+inline void gate_step(float* __restrict y, const float* __restrict Dm, const float* __restrict u,
+                      const float* __restrict z) {
+  __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(Dm), _mm512_loadu_ps(u), _mm512_loadu_ps(y));
+  if (z != nullptr) v = _mm512_mul_ps(v, simd::silu16(_mm512_loadu_ps(z)));
+  _mm512_storeu_ps(y, v);
+}
+#else
+inline void gate_step(float* __restrict y, const float* __restrict Dm, const float* __restrict u,
+                      const float* __restrict z) {
+  for (int c = 0; c < kTile; ++c) y[c] += Dm[c] * u[c];
+  if (z != nullptr)
+    for (int c = 0; c < kTile; ++c) y[c] *= simd::silu(z[c]);
 }
 #endif
 
@@ -426,14 +443,8 @@ void fwd_tile(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t b, int64_t g, in
     // Epilogue in the (time, channel) tile layout: D skip and SiLU(z) gate.
     if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
     for (int64_t t = 0; t < len; ++t) {
-      const float* __restrict Dm = Dt + (mod != nullptr ? mod[t] : 0) * kTile;
-      float* __restrict y = yb + t * kTile;
-      const float* __restrict uu = ub + t * kTile;
-      for (int c = 0; c < kTile; ++c) y[c] += Dm[c] * uu[c];
-      if (a.z != nullptr) {
-        const float* __restrict zz = zb + t * kTile;
-        for (int c = 0; c < kTile; ++c) y[c] *= simd::silu(zz[c]);
-      }
+      const float* Dm = Dt + (mod != nullptr ? mod[t] : 0) * kTile;
+      gate_step(yb + t * kTile, Dm, ub + t * kTile, a.z != nullptr ? zb + t * kTile : nullptr);
     }
     store_tile(o.out + row0 + t0, yb, L, nc, len);
   }
