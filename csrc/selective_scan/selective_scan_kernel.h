@@ -290,6 +290,25 @@ inline void load_tables(const float* A, const float* D, const float* db, int64_t
 
 // dt = softplus(delta + bias[m]) (or without softplus), in place on dtb; du = dt * u in place on
 // dub (which holds u on entry); sg (nullable) = d dt / d (delta + bias).
+#if defined(MOMOE_SCAN_AVX512)
+inline void prepare_dt(float* __restrict dtb, float* __restrict dub, float* __restrict sg, const float* dbt,
+                       const int32_t* mod, int64_t len, bool softplus) {
+  for (int64_t t = 0; t < len; ++t) {
+    const __m512 x = _mm512_add_ps(_mm512_loadu_ps(dtb + t * kTile),
+                                   _mm512_loadu_ps(dbt + (mod != nullptr ? mod[t] : 0) * kTile));
+    __m512 dt = x, s = _mm512_set1_ps(1.0f);
+    if (softplus) {
+      __m512 e;
+      dt = simd::softplus16(x, &e);
+      const __m512 r = simd::recip16(_mm512_add_ps(_mm512_set1_ps(1.0f), e));  // sigmoid(|x|)
+      s = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), e, r);
+    }
+    _mm512_storeu_ps(dtb + t * kTile, dt);
+    _mm512_storeu_ps(dub + t * kTile, _mm512_mul_ps(dt, _mm512_loadu_ps(dub + t * kTile)));
+    if (sg != nullptr) _mm512_storeu_ps(sg + t * kTile, s);
+  }
+}
+#else
 inline void prepare_dt(float* __restrict dtb, float* __restrict dub, float* __restrict sg, const float* dbt,
                        const int32_t* mod, int64_t len, bool softplus) {
   for (int64_t t = 0; t < len; ++t) {
@@ -322,6 +341,7 @@ inline void prepare_dt(float* __restrict dtb, float* __restrict dub, float* __re
     }
   }
 }
+#endif
 
 // One timestep of the scan for the tile's 16 channels: for each state row n,
 // a = exp(dt * A[n]) (stored to an[n] when an is non-null), h[n] = a * h[n] + du * B[n], and
@@ -390,6 +410,50 @@ inline void gate_step(float* __restrict y, const float* __restrict Dm, const flo
   for (int c = 0; c < kTile; ++c) y[c] += Dm[c] * u[c];
   if (z != nullptr)
     for (int c = 0; c < kTile; ++c) y[c] *= simd::silu(z[c]);
+}
+#endif
+
+// Backward of gate_step for one timestep of the tile, from dout (gout): with the gate, y (the scan
+// output before the D skip) is overwritten by dz and dy = dout * silu(z); without, dy = dout. Then
+// dyD = dy * D and dD += dy * u.
+#if defined(MOMOE_SCAN_AVX512)
+inline void gate_bwd_step(float* __restrict y, float* __restrict dy, float* __restrict dyD, float* __restrict dDm,
+                          const float* __restrict gout, const float* __restrict z, const float* __restrict u,
+                          const float* __restrict Dm) {
+  const __m512 g = _mm512_loadu_ps(gout), uv = _mm512_loadu_ps(u), Dv = _mm512_loadu_ps(Dm);
+  __m512 dyv = g;
+  if (z != nullptr) {
+    const __m512 zv = _mm512_loadu_ps(z);
+    const __m512 s = simd::sigmoid16(zv);
+    const __m512 yv = _mm512_fmadd_ps(Dv, uv, _mm512_loadu_ps(y));
+    // dz = dout * yv * s * (1 + z (1 - s))
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(zv, _mm512_sub_ps(one, s), one));
+    _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_mul_ps(g, yv), dsilu));
+    dyv = _mm512_mul_ps(_mm512_mul_ps(g, zv), s);
+  }
+  _mm512_storeu_ps(dy, dyv);
+  _mm512_storeu_ps(dyD, _mm512_mul_ps(dyv, Dv));
+  _mm512_storeu_ps(dDm, _mm512_fmadd_ps(dyv, uv, _mm512_loadu_ps(dDm)));
+}
+#else
+inline void gate_bwd_step(float* __restrict y, float* __restrict dy, float* __restrict dyD, float* __restrict dDm,
+                          const float* __restrict gout, const float* __restrict z, const float* __restrict u,
+                          const float* __restrict Dm) {
+  if (z != nullptr) {
+    for (int c = 0; c < kTile; ++c) {
+      const float s = simd::sigmoid(z[c]);
+      const float yv = y[c] + Dm[c] * u[c];
+      y[c] = gout[c] * yv * s * (1.0f + z[c] * (1.0f - s));  // dz
+      dy[c] = gout[c] * z[c] * s;
+    }
+  } else {
+    for (int c = 0; c < kTile; ++c) dy[c] = gout[c];
+  }
+  for (int c = 0; c < kTile; ++c) {
+    dyD[c] = dy[c] * Dm[c];
+    dDm[c] += dy[c] * u[c];
+  }
 }
 #endif
 
@@ -543,28 +607,8 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
     if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
     for (int64_t t = 0; t < len; ++t) {
       const int64_t m = mod != nullptr ? mod[t] : 0;
-      const float* __restrict Dm = Dt + m * kTile;
-      float* __restrict dDm = dDt + m * kTile;
-      const float* __restrict gout = dob + t * kTile;
-      const float* __restrict uu = ub + t * kTile;
-      float* __restrict y = yb + t * kTile;
-      float* __restrict dy = dyb + t * kTile;
-      float* __restrict dyD = dyDb + t * kTile;
-      if (a.z != nullptr) {
-        const float* __restrict zz = zb + t * kTile;
-        for (int c = 0; c < kTile; ++c) {
-          const float s = simd::sigmoid(zz[c]);
-          const float yv = y[c] + Dm[c] * uu[c];
-          y[c] = gout[c] * yv * s * (1.0f + zz[c] * (1.0f - s));  // dz
-          dy[c] = gout[c] * zz[c] * s;
-        }
-      } else {
-        for (int c = 0; c < kTile; ++c) dy[c] = gout[c];
-      }
-      for (int c = 0; c < kTile; ++c) {
-        dyD[c] = dy[c] * Dm[c];
-        dDm[c] += dy[c] * uu[c];
-      }
+      gate_bwd_step(yb + t * kTile, dyb + t * kTile, dyDb + t * kTile, dDt + m * kTile, dob + t * kTile,
+                    a.z != nullptr ? zb + t * kTile : nullptr, ub + t * kTile, Dt + m * kTile);
     }
     if (o.dz != nullptr) store_tile(o.dz + row0 + t0, yb, L, nc, len);
     // Reverse scan over the chunk.
