@@ -61,7 +61,7 @@ def grouped_gemm_impls(x: torch.Tensor, w: torch.Tensor) -> Dict[str, object]:
 
 def bench_grouped_gemm(args) -> List[Dict[str, object]]:
     """Fixed splits (balanced; skewed with an empty group), and a split that changes at every call
-    after a warm-up of 40 calls (training: oneDNN's bf16 GEMMs generate a kernel per new row count,
+    after a warm-up of 100 calls (training: oneDNN's bf16 GEMMs generate a kernel per new row count,
     which momoe bounds by rounding row counts to a multiple of 32)."""
     T, K, N, G = args.gemm_tokens, 1024, 2816, 8
     rows = []
@@ -79,7 +79,7 @@ def bench_grouped_gemm(args) -> List[Dict[str, object]]:
                     # A stream of its own for each implementation: oneDNN's kernel cache is shared, so
                     # the same splits would let a later implementation reuse an earlier one's kernels.
                     stream = random_splits(T, G, seed=seed)
-                    for _ in range(40):
+                    for _ in range(100):
                         fn(next(stream))
                     timings[name] = measure(lambda: fn(next(stream)), repeat=args.repeat)
                 else:
@@ -186,12 +186,19 @@ def bench_scan(args) -> List[Dict[str, object]]:
         split = scan_inputs(batch, dim, L, N, 3, dtype)
         t = {
             "ref fwd": measure(lambda: scan_naive.selective_scan(**single), warmup=1, repeat=args.ref_repeat),
-            "ours fwd": measure(lambda: ops.selective_scan(**single), repeat=args.repeat),
-            "ours fwd M=3": measure(lambda: ops.selective_scan(**split), repeat=args.repeat),
             "ref fwd+bwd": measure(fwd_bwd(scan_naive.selective_scan, single), warmup=1, repeat=args.ref_repeat),
-            "ours fwd+bwd": measure(fwd_bwd(ops.selective_scan, single), repeat=args.repeat),
-            "ours fwd+bwd M=3": measure(fwd_bwd(ops.selective_scan, split), repeat=args.repeat),
         }
+        ours = {
+            "ours fwd": lambda: ops.selective_scan(**single),
+            "ours fwd M=3": lambda: ops.selective_scan(**split),
+            "ours fwd+bwd": fwd_bwd(ops.selective_scan, single),
+            "ours fwd+bwd M=3": fwd_bwd(ops.selective_scan, split),
+        }
+        # Single- and three-modality runs alternate over two rounds, the best round of each kept, so that
+        # a slow spell of this shared machine does not land on one side of the M=3 / M=1 ratio.
+        for _ in range(2):
+            for key, fn in ours.items():
+                t[key] = min(t.get(key, float("inf")), measure(fn, repeat=args.repeat))
         checks = [
             ("forward", "ref fwd", "ours fwd", "speed-up vs reference", t["ref fwd"] / t["ours fwd"], ">= 40x", 40.0),
             ("fwd+bwd", "ref fwd+bwd", "ours fwd+bwd", "speed-up vs reference autograd",
@@ -220,8 +227,8 @@ def main() -> None:
     parser.add_argument("--allocator", choices=["keep", "system"], default="keep",
                         help="keep: glibc keeps freed memory (steady state, no page faults of fresh outputs in "
                              "any timing; see benchmarks/common.py); system: glibc's defaults")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--ref-repeat", type=int, default=2, help="runs of the slow pure-PyTorch scan reference")
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--ref-repeat", type=int, default=3, help="runs of the slow pure-PyTorch scan reference")
     parser.add_argument("--gemm-tokens", type=int, default=8192)
     parser.add_argument("--permute-tokens", type=int, default=16384)
     parser.add_argument("--scan-dim", type=int, default=1536)
