@@ -1,0 +1,31 @@
+"""The model zoo: families, the registry from config to model, zoo cards, accounting, upcycling."""
+from momoe.models.configuration_utils import ModelConfig
+from momoe.models.mamba import MambaCache, MambaConfig, MambaLM
+from momoe.models.modeling_utils import ModelOutput, PreTrainedModel
+from momoe.models.registry import (
+    MODEL_TYPES,
+    build_model,
+    config_from_dict,
+    count_parameters,
+    from_pretrained,
+    list_cards,
+    load_card,
+    upcycle,
+)
+
+__all__ = [
+    "MODEL_TYPES",
+    "MambaCache",
+    "MambaConfig",
+    "MambaLM",
+    "ModelConfig",
+    "ModelOutput",
+    "PreTrainedModel",
+    "build_model",
+    "config_from_dict",
+    "count_parameters",
+    "from_pretrained",
+    "list_cards",
+    "load_card",
+    "upcycle",
+]

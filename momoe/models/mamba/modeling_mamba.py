@@ -1,0 +1,174 @@
+"""Mamba language model (dense or Mixture-of-Mamba): embedding, pre-norm residual Mamba blocks,
+final RMSNorm, LM head (optionally tied).
+
+Shape legend: B batch, L time, D d_model, V vocabulary.
+"""
+import dataclasses
+import math
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from momoe.layers.mamba import MambaMixer, MambaState
+from momoe.layers.modality_linear import ModalityRouting
+from momoe.layers.norms import RMSNorm
+from momoe.models.mamba.configuration_mamba import MambaConfig
+from momoe.models.modeling_utils import IGNORE_INDEX, ModelOutput, PreTrainedModel, causal_lm_loss
+from momoe.models.packing import Documents
+
+
+@dataclasses.dataclass
+class MambaCache:
+    """Decoding state of every layer, and how many tokens it has seen."""
+
+    layers: List[MambaState]
+    seen: int = 0
+
+
+class MambaBlock(nn.Module):
+    """x + mixer(norm(x))."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = MambaMixer(
+            config.d_model, d_state=config.d_state, d_conv=config.d_conv, expand=config.expand,
+            dt_rank=config.dt_rank, num_modalities=config.num_modalities, split=config.split,
+            split_ssm=config.split_ssm, conv_bias=config.conv_bias, bias=config.bias,
+        )
+
+    def forward(self, x, modality_ids, routing, state=None, return_state=False):
+        y, new_state = self.mixer(self.norm(x), modality_ids, routing, state=state, return_state=return_state)
+        return x + y, new_state
+
+    def step(self, x, modality_ids, state, routing):
+        return x + self.mixer.step(self.norm(x), modality_ids, state, routing)
+
+
+class MambaLM(PreTrainedModel):
+    """Mamba LM over interleaved text/image/speech tokens (one vocabulary, per-token modality ids)."""
+
+    config_class = MambaConfig
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__(config)
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    def reset_parameters(self) -> None:
+        """mamba-ssm's scheme: embedding N(0, initializer_range), zero linear biases, out_proj scaled
+        by 1/sqrt(n_layer) (GPT-2's rescaling of the residual branches)."""
+        with torch.no_grad():
+            nn.init.normal_(self.embedding.weight, std=self.config.initializer_range)
+            for layer in self.layers:
+                mixer = layer.mixer
+                for proj in (mixer.in_proj, mixer.out_proj):
+                    if proj.bias is not None:
+                        proj.bias.zero_()
+                mixer.out_proj.weight.div_(math.sqrt(self.config.n_layer))
+            if not self.config.tie_embeddings:
+                nn.init.normal_(self.lm_head.weight, std=self.config.initializer_range)
+
+    # ------------------------------------------------------------------ forward
+    def _routing(self, modality_ids: torch.Tensor) -> Optional[ModalityRouting]:
+        """Tokens sorted by modality when a projection is split (ids are range-checked either way)."""
+        if self.config.is_mixture:
+            return ModalityRouting.from_ids(modality_ids, self.config.num_modalities)
+        M = self.config.num_modalities
+        if modality_ids.numel() and bool(((modality_ids < 0) | (modality_ids >= M)).any()):
+            raise ValueError(f"momoe: modality_ids must be in [0, {M}) ({self.config.modalities}), got values "
+                             f"in [{int(modality_ids.min())}, {int(modality_ids.max())}]")
+        return None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        modality_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        seq_idx: Optional[torch.Tensor] = None,
+        cache: Optional[MambaCache] = None,
+        return_cache: bool = False,
+    ) -> ModelOutput:
+        """input_ids, modality_ids, labels: (B, L) (modality_ids default to 0; labels are shifted inside,
+        IGNORE_INDEX skipped). seq_idx: (B, L) document ids of packed rows (no state crosses documents).
+        cache / return_cache: continue from a cache (chunked prefill) and return the one after the last
+        token. Returns logits (B, L, V), loss and loss_per_modality when labels are given."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"momoe: input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
+        if modality_ids is None:
+            modality_ids = torch.zeros_like(input_ids)
+        if modality_ids.shape != input_ids.shape:
+            raise ValueError(f"momoe: modality_ids {tuple(modality_ids.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"momoe: labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if seq_idx is not None:
+            if cache is not None or return_cache:
+                raise ValueError("momoe: seq_idx (packed documents) cannot be combined with a decoding cache")
+            docs = Documents.from_seq_idx(seq_idx)
+            out = self.forward(docs.unpack(input_ids), docs.unpack(modality_ids),
+                               None if labels is None else docs.unpack(labels, pad=IGNORE_INDEX))
+            out.logits = docs.repack(out.logits)
+            return out
+        routing = self._routing(modality_ids)
+        x = self.embedding(input_ids)
+        states = []
+        for i, layer in enumerate(self.layers):
+            state = None if cache is None else cache.layers[i]
+            x, new_state = layer(x, modality_ids, routing, state=state, return_state=return_cache)
+            states.append(new_state)
+        logits = self.lm_head(self.norm_f(x))
+        out = ModelOutput(logits=logits, aux_loss=logits.new_zeros(()))
+        if labels is not None:
+            out.loss, out.loss_per_modality = causal_lm_loss(logits, labels, modality_ids, self.config.modalities)
+        if return_cache:
+            out.cache = MambaCache(states, seen=(0 if cache is None else cache.seen) + input_ids.shape[1])
+        return out
+
+    # ------------------------------------------------------------------ decoding
+    def empty_cache(self, batch: int) -> MambaCache:
+        p = self.embedding.weight
+        return MambaCache([layer.mixer.empty_state(batch, p.dtype, p.device) for layer in self.layers])
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, modality_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """One token per sequence: input_ids, modality_ids (B,) -> logits (B, V); cache updated in place."""
+        routing = self._routing(modality_ids)
+        x = self.embedding(input_ids)
+        for layer, state in zip(self.layers, cache.layers):
+            x = layer.step(x, modality_ids, state, routing)
+        cache.seen += 1
+        return self.lm_head(self.norm_f(x))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        modality_ids: torch.Tensor,
+        max_new_tokens: int,
+        new_modality: int = 0,
+        temperature: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Continue (B, L) prompts by max_new_tokens tokens of modality `new_modality`: a chunked prefill,
+        then one step() per token; greedy when temperature is 0. Returns (B, L + max_new_tokens)."""
+        out = self.forward(input_ids, modality_ids, return_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
+        tokens = [input_ids]
+        mod = torch.full((input_ids.shape[0],), new_modality, dtype=modality_ids.dtype, device=input_ids.device)
+        for i in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            tokens.append(nxt[:, None])
+            if i + 1 < max_new_tokens:
+                logits = self.step(nxt, mod, cache)
+        return torch.cat(tokens, dim=1)

@@ -1,0 +1,110 @@
+"""What every momoe model shares: the output object, the causal LM loss per modality, and
+save_pretrained / from_pretrained in momoe's own layout (config.json + model.safetensors)."""
+import dataclasses
+import os
+from typing import Any, ClassVar, Dict, Optional, Sequence, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from momoe.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, load_json, load_weights, save_json, save_weights
+from momoe.models.configuration_utils import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """logits: (B, L, vocab); loss: mean next-token loss over all targets; loss_per_modality: the same
+    mean over the targets of each modality present; aux_loss: routers' auxiliary losses (0 without
+    learned routing); router_stats: per-layer routing statistics; cache: decoding state, when asked."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    loss_per_modality: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    aux_loss: Optional[torch.Tensor] = None
+    router_stats: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    cache: Optional[Any] = None
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, modality_ids: torch.Tensor, modality_names: Sequence[str]
+) -> "tuple[torch.Tensor, Dict[str, torch.Tensor]]":
+    """Next-token cross entropy: position t predicts labels[:, t + 1] (IGNORE_INDEX targets skipped).
+
+    Args:
+        logits: `[B, L, V]`; labels, modality_ids: `[B, L]` (the modality of a target is its token's).
+    Returns:
+        the mean loss over all targets, and the mean over each modality's targets (modalities with
+        no target are left out).
+    """
+    logits_t = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    targets = labels[:, 1:].reshape(-1)
+    target_modality = modality_ids[:, 1:].reshape(-1)
+    per_token = F.cross_entropy(logits_t, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = targets != IGNORE_INDEX
+    loss = per_token.sum() / valid.sum().clamp(min=1)
+    per_modality = {}
+    for m, name in enumerate(modality_names):
+        mask = valid & (target_modality == m)
+        count = mask.sum()
+        if bool(count > 0):
+            per_modality[name] = (per_token * mask).sum() / count
+    return loss, per_modality
+
+
+class PreTrainedModel(nn.Module):
+    """Base of every momoe model: holds `config`, saves and loads momoe checkpoints."""
+
+    config_class: ClassVar[Type[ModelConfig]]
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"momoe: {type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def save_pretrained(self, path: str) -> None:
+        """Write `path/config.json` and `path/model.safetensors` (each atomically)."""
+        from momoe import __version__
+
+        aliases = self.tied_aliases()
+        state = {name: t for name, t in self.state_dict().items() if name not in aliases}
+        save_weights(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "momoe_version": __version__})
+        save_json({**self.config.to_dict(), "momoe_version": __version__}, os.path.join(path, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location: str = "cpu") -> "PreTrainedModel":
+        """Load a momoe checkpoint written by save_pretrained; mismatches raise CheckpointError."""
+        data = load_json(os.path.join(path, CONFIG_NAME))
+        data.pop("momoe_version", None)
+        model = cls(cls.config_class.from_dict(data))
+        state = load_weights(os.path.join(path, WEIGHTS_NAME))
+        model.load_checked_state_dict(state, source=path)
+        return model.to(map_location)
+
+    def tied_aliases(self) -> Dict[str, str]:
+        """{name: earlier name} for state-dict entries sharing storage with an earlier one (tied
+        weights): saved once, under the earlier name."""
+        first: Dict[int, str] = {}
+        aliases = {}
+        for name, t in self.state_dict().items():
+            key = t.untyped_storage().data_ptr()
+            if key in first and t.numel() > 0:
+                aliases[name] = first[key]
+            else:
+                first.setdefault(key, name)
+        return aliases
+
+    def load_checked_state_dict(self, state: Dict[str, torch.Tensor], source: str) -> None:
+        """load_state_dict after check_state_dict (clear errors); tied entries may be absent."""
+        state = dict(state)
+        for alias, name in self.tied_aliases().items():
+            if alias not in state and name in state:
+                state[alias] = state[name]
+        check_state_dict(self, state, source)
+        self.load_state_dict(state, strict=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

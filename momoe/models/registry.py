@@ -1,0 +1,119 @@
+"""From a config, a card name or a checkpoint to a model; parameter accounting; upcycling."""
+import json
+import os
+from typing import Any, Dict, List, Mapping, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from momoe.checkpoint import CONFIG_NAME, CheckpointError, load_json
+from momoe.models.configuration_utils import ModelConfig
+from momoe.models.mamba import MambaConfig, MambaLM
+from momoe.models.modeling_utils import PreTrainedModel
+
+# model_type -> (config class, model class)
+MODEL_TYPES: Dict[str, Tuple[Type[ModelConfig], Type[PreTrainedModel]]] = {
+    MambaConfig.model_type: (MambaConfig, MambaLM),
+}
+
+CARDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cards")
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    """A config from its dict form (config.json, a card's "config"); the dict names its model_type."""
+    model_type = data.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"momoe: unknown model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type][0].from_dict(data)
+
+
+def list_cards() -> List[str]:
+    """Names of the zoo cards (models/<name>.json)."""
+    if not os.path.isdir(CARDS_DIR):
+        return []
+    return sorted(f[: -len(".json")] for f in os.listdir(CARDS_DIR) if f.endswith(".json"))
+
+
+def read_card(name: str) -> Dict[str, Any]:
+    """The whole card: config, source paper, expected parameter counts."""
+    path = os.path.join(CARDS_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"momoe: no zoo card {name!r}; available: {list_cards()}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_card(name: str) -> ModelConfig:
+    """The config of a zoo card, e.g. load_card("mom-mamba-1.4b-chameleon")."""
+    return config_from_dict(read_card(name)["config"])
+
+
+def build_model(config: Union[ModelConfig, str, Mapping[str, Any]]) -> PreTrainedModel:
+    """A freshly initialised model from a config, a card name, or a config dict."""
+    if isinstance(config, str):
+        config = load_card(config)
+    elif isinstance(config, Mapping):
+        config = config_from_dict(config)
+    for config_cls, model_cls in MODEL_TYPES.values():
+        if type(config) is config_cls:
+            return model_cls(config)
+    raise TypeError(f"momoe: no model for config type {type(config).__name__}")
+
+
+def from_pretrained(path: str) -> PreTrainedModel:
+    """Load a momoe checkpoint (config.json + model.safetensors) from a folder."""
+    data = load_json(os.path.join(path, CONFIG_NAME))
+    model_type = data.get("model_type")
+    if model_type not in MODEL_TYPES or "momoe_version" not in data:
+        raise CheckpointError(f"momoe: {path} is not a momoe checkpoint (config.json has model_type "
+                              f"{model_type!r}, no momoe_version)")
+    return MODEL_TYPES[model_type][1].from_pretrained(path)
+
+
+def _modality_rows(module: nn.Module, param: torch.Tensor) -> int:
+    """M when the parameter holds one slice per modality (a token uses one of them), else 1."""
+    M = getattr(module, "num_modalities", 1)
+    return M if M > 1 and param.dim() >= 1 and param.shape[0] == M else 1
+
+
+def count_parameters(model: nn.Module) -> Dict[str, Any]:
+    """{"total": all parameters, "active_per_token": {modality: parameters one token of it uses}}.
+
+    A per-modality parameter (leading dimension = the module's num_modalities) counts one slice per
+    token; tied parameters count once; the embedding counts fully (a lookup, but the tied LM head uses
+    all of it).
+    """
+    seen, total, routed = set(), 0, 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            rows = _modality_rows(module, param)
+            if rows > 1:
+                routed += param.numel() - param.numel() // rows
+    names = getattr(getattr(model, "config", None), "modalities", ["all"])
+    return {"total": total, "active_per_token": {name: total - routed for name in names}}
+
+
+def upcycle(dense: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
+    """Sparse upcycling: a model of `config` whose per-modality parameters all start as copies of the
+    dense model's (every other parameter copied as is), so it computes exactly what `dense` does."""
+    sparse = build_model(config)
+    source = dense.state_dict()
+    target = sparse.state_dict()
+    missing = sorted(set(target) - set(source))
+    if missing:
+        raise ValueError(f"momoe: cannot upcycle: the dense model has no {missing[:5]}")
+    with torch.no_grad():
+        for name, t in target.items():
+            s = source[name]
+            if s.shape == t.shape:
+                t.copy_(s)
+            elif s.dim() == t.dim() and s.shape[0] == 1 and s.shape[1:] == t.shape[1:]:
+                t.copy_(s.expand_as(t))
+            else:
+                raise ValueError(f"momoe: cannot upcycle {name}: dense shape {tuple(s.shape)}, "
+                                 f"target shape {tuple(t.shape)}")
+    return sparse
