@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_ops --allocator system --only gemm,permute \
 		--json benchmarks/results/bench_ops_cpu_system_allocator.json > benchmarks/results/bench_ops_cpu_system_allocator.txt && \
 		cat benchmarks/results/bench_ops_cpu_system_allocator.txt
+	$(PY) -m benchmarks.bench_mamba --json benchmarks/results/bench_mamba_cpu.json > benchmarks/results/bench_mamba_cpu.txt && \
+		cat benchmarks/results/bench_mamba_cpu.txt
 
 wheel: $(PY)
 	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .

@@ -1,0 +1,112 @@
+"""Mixture-of-Mamba against a dense Mamba of equal active FLOPs on the CPU, side by side in one run.
+
+Training step (forward, backward, AdamW) tokens/s, and decoding tokens/s with the step() path.
+Both models have the same d_model and depth; the Mixture-of-Mamba splits in_proj, x_proj, dt_proj
+and out_proj over three modalities, so each token does the dense model's FLOPs. Target (issue 7):
+Mixture-of-Mamba step time <= 1.15x the dense step time.
+
+    python -m benchmarks.bench_mamba [--d-model 512 --n-layer 4 --batch 4 --seqlen 512] [--json PATH]
+"""
+import argparse
+from typing import Dict, List
+
+import torch
+
+import momoe
+from benchmarks.common import environment, keep_freed_memory, measure, print_table, write_json
+from momoe.models import MambaConfig
+
+SPLIT = ["in_proj", "x_proj", "dt_proj", "out_proj"]
+
+
+def models(args) -> Dict[str, torch.nn.Module]:
+    base = dict(vocab_size=args.vocab, d_model=args.d_model, n_layer=args.n_layer,
+                modalities=["text", "image", "speech"])
+    torch.manual_seed(0)
+    return {
+        "dense Mamba": momoe.build_model(MambaConfig(**base)),
+        "Mixture-of-Mamba": momoe.build_model(MambaConfig(split=SPLIT, **base)),
+    }
+
+
+def interleaved_batch(args, gen: torch.Generator):
+    """Tokens with modality spans of 32-256 tokens (text, image, speech), as in interleaved data."""
+    B, L = args.batch, args.seqlen
+    mod = torch.empty(B, L, dtype=torch.long)
+    for b in range(B):
+        t = 0
+        while t < L:
+            span = int(torch.randint(32, 257, (1,), generator=gen))
+            mod[b, t : t + span] = int(torch.randint(0, 3, (1,), generator=gen))
+            t += span
+    ids = torch.randint(0, args.vocab, (B, L), generator=gen)
+    return ids, mod
+
+
+def bench(args) -> List[Dict[str, object]]:
+    gen = torch.Generator().manual_seed(0)
+    ids, mod = interleaved_batch(args, gen)
+    rows = []
+    times = {}
+    for name, model in models(args).items():
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def train_step():
+            loss = model(ids, mod, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        t_train = measure(train_step, warmup=2, repeat=args.repeat)
+        model.eval()
+        B = args.decode_batch
+        prompt_ids, prompt_mod = ids[:B, :16], mod[:B, :16]
+
+        def decode():
+            cache = model(prompt_ids, prompt_mod, return_cache=True).cache
+            tok, m = prompt_ids[:, -1], prompt_mod[:, -1]
+            for _ in range(args.decode_tokens):
+                tok = model.step(tok, m, cache).argmax(-1)
+
+        t_decode = measure(decode, warmup=1, repeat=3)
+        model.train()
+        times[name] = t_train
+        counts = momoe.count_parameters(model)
+        rows.append({
+            "model": name, "params": counts["total"], "active": counts["active_per_token"]["text"],
+            "train step ms": t_train * 1e3, "train tokens/s": ids.numel() / t_train,
+            "decode tokens/s": B * args.decode_tokens / t_decode,
+        })
+    ratio = times["Mixture-of-Mamba"] / times["dense Mamba"]
+    rows.append({"model": "MoM / dense step time", "train step ms": ratio,
+                 "train tokens/s": "target <= 1.15x: " + ("PASS" if ratio <= 1.15 else "MISS")})
+    cols = ["model", "params", "active", "train step ms", "train tokens/s", "decode tokens/s"]
+    print_table(f"Mamba training step and decoding: d_model={args.d_model} n_layer={args.n_layer} "
+                f"batch={args.batch} seqlen={args.seqlen} vocab={args.vocab}; decode batch {args.decode_batch}",
+                cols, rows)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--decode-batch", type=int, default=4)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    keep_freed_memory()
+    env = environment()
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    results = {"environment": env, "mamba": bench(args)}
+    if args.json:
+        write_json(args.json, results)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
