@@ -68,5 +68,5 @@ def torch_requirement() -> str:
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=[torch_requirement()],
+    install_requires=[torch_requirement(), "safetensors>=0.4"],
 )
