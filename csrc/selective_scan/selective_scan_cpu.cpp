@@ -107,10 +107,23 @@ Tensor checked_modality(const Tensor& modality, int64_t M) {
 
 Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+scan::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// A (batch, dim, L) activation whose channels are contiguous and time is not: the transpose of a
+// (batch, L, dim) tensor, as linear layers produce. The Python fakes apply the same rule.
+bool is_time_major(const Tensor& t) { return t.size(1) > 1 && t.size(2) > 1 && t.stride(1) == 1 && t.stride(2) != 1; }
+
+// An uninitialised (batch, dim, L) tensor, time-major or channel-major.
+Tensor empty_bdl(int64_t batch, int64_t dim, int64_t L, bool time_major, const at::TensorOptions& opts) {
+  if (time_major) return at::empty({batch, L, dim}, opts).transpose(1, 2);
+  return at::empty({batch, dim, L}, opts);
+}
+
 struct Prepared {
   int64_t batch, dim, L, N, G, M;
   bool grouped;  // B, C given as (batch, G, N, L)
-  Tensor u, delta, z, A, B, C, D, delta_bias, modality, initial_state;  // contiguous, params in fp32
+  Tensor u, delta, z;  // any strides
+  Tensor A, B, C, D, delta_bias, modality, initial_state;  // contiguous, params in fp32
 };
 
 Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
@@ -189,9 +202,10 @@ Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Te
   }
   if (modality) p.modality = checked_modality(*modality, p.M);
 
-  p.u = u.contiguous();
-  p.delta = delta.contiguous();
-  if (z) p.z = z->contiguous();
+  // u, delta, z are read through their strides (no copies).
+  p.u = u;
+  p.delta = delta;
+  if (z) p.z = *z;
   p.A = f32(A);
   // Time-major (batch, G, L, N) fp32 copies of B and C (see selective_scan_kernel.h).
   p.B = (p.grouped ? B : B.unsqueeze(1)).to(at::kFloat).transpose(-1, -2).contiguous();
@@ -219,6 +233,9 @@ scan::ScanArgs<T> make_args(const Prepared& p, bool softplus) {
   a.u = reinterpret_cast<const T*>(p.u.data_ptr());
   a.delta = reinterpret_cast<const T*>(p.delta.data_ptr());
   a.z = p.z.defined() ? reinterpret_cast<const T*>(p.z.data_ptr()) : nullptr;
+  a.lu = layout_of(p.u);
+  a.ldelta = layout_of(p.delta);
+  a.lz = p.z.defined() ? layout_of(p.z) : scan::Layout{0, 0, 0};
   a.A = p.A.data_ptr<float>();
   a.B = p.B.data_ptr<float>();
   a.C = p.C.data_ptr<float>();
@@ -233,7 +250,7 @@ scan::ScanArgs<T> make_args(const Prepared& p, bool softplus) {
 template <typename T>
 void run_fwd(const Prepared& p, bool softplus, Tensor& out, Tensor& last_state, Tensor& chunk_states) {
   const auto a = make_args<T>(p, softplus);
-  scan::FwdOut<T> o{reinterpret_cast<T*>(out.data_ptr()), last_state.data_ptr<float>(),
+  scan::FwdOut<T> o{reinterpret_cast<T*>(out.data_ptr()), layout_of(out), last_state.data_ptr<float>(),
                     chunk_states.data_ptr<float>()};
   const int64_t tasks = scan::fwd_num_tasks(p.batch, p.dim, p.G);
   const int64_t ws_size = scan::fwd_scratch_floats(p.N, p.M);
@@ -251,7 +268,9 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd(const Tensor& u, const Ten
                                                       const OptTensor& initial_state) {
   Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, modality, initial_state);
   const int64_t n_chunks = scan::num_chunks(p.L);
-  Tensor out = at::empty({p.batch, p.dim, p.L}, u.options().memory_format(at::MemoryFormat::Contiguous));
+  // The output is time-major when the input or the gate is (it then feeds a linear layer).
+  const bool out_time_major = is_time_major(u) || (z && is_time_major(*z));
+  Tensor out = empty_bdl(p.batch, p.dim, p.L, out_time_major, u.options());
   Tensor last_state = p.initial_state.defined() && p.L == 0
                           ? p.initial_state.clone()
                           : at::zeros({p.batch, p.dim, p.N}, u.options().dtype(at::kFloat));
@@ -310,14 +329,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                 dlast_state->sizes());
     dlast = f32(*dlast_state);
   }
-  Tensor dout_c = dout.contiguous();
   Tensor cs = chunk_states.contiguous();
 
   const auto opts = u.options().memory_format(at::MemoryFormat::Contiguous);
   const auto f32opts = opts.dtype(at::kFloat);
-  Tensor du = at::empty({p.batch, p.dim, p.L}, opts);
-  Tensor ddelta = at::empty({p.batch, p.dim, p.L}, opts);
-  Tensor dz = z ? at::empty({p.batch, p.dim, p.L}, opts) : Tensor();
+  // Each gradient has the layout of its input.
+  Tensor du = empty_bdl(p.batch, p.dim, p.L, is_time_major(u), opts);
+  Tensor ddelta = empty_bdl(p.batch, p.dim, p.L, is_time_major(delta), opts);
+  Tensor dz = z ? empty_bdl(p.batch, p.dim, p.L, is_time_major(*z), opts) : Tensor();
   const int64_t bpg = scan::blocks_per_group(p.dim, p.G);
   Tensor dB_part = at::zeros({p.batch * p.G, bpg, p.N * p.L}, f32opts);
   Tensor dC_part = at::zeros({p.batch * p.G, bpg, p.N * p.L}, f32opts);
@@ -334,7 +353,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       using T = decltype(tag);
       const auto a = make_args<T>(p, delta_softplus);
       scan::BwdOut<T> o;
-      o.dout = reinterpret_cast<const T*>(dout_c.data_ptr());
+      o.dout = reinterpret_cast<const T*>(dout.data_ptr());
+      o.ldout = layout_of(dout);
+      o.ldu = layout_of(du);
+      o.lddelta = layout_of(ddelta);
+      o.ldz = dz.defined() ? layout_of(dz) : scan::Layout{0, 0, 0};
       o.dlast_state = dlast.defined() ? dlast.data_ptr<float>() : nullptr;
       o.chunk_states = cs.data_ptr<float>();
       o.du = reinterpret_cast<T*>(du.data_ptr());

@@ -1,6 +1,6 @@
 // Torch-free CPU core of the (modality-split) selective scan: forward, backward and decode step.
 //
-// Layout: u, delta, z, out: (batch, dim, L) contiguous in T (mamba-ssm); B, C: (batch, G, L, N) fp32
+// Layout: u, delta, z, out: (batch, dim, L) in T with strides of their own (see Layout); B, C: (batch, G, L, N) fp32
 // (time-major: the caller transposes mamba-ssm's (batch, G, N, L), whose N rows 4 KiB apart would
 // collide in the L1 sets);
 // A: (M, dim, N) fp32; D, delta_bias: (M, dim) fp32; modality: (batch, L) int32 in [0, M)
@@ -36,12 +36,22 @@ constexpr int64_t kChunk = 256;   // timesteps per saved chunk state
 constexpr int kTile = 16;         // channels per tile (the vector dimension)
 constexpr int64_t kBlockTiles = 4;  // tiles per backward task (shares one dB/dC partial buffer)
 
+// Element strides of a (batch, dim, L) tensor: mamba-ssm's layout is {dim * L, L, 1} ("channel-major");
+// a transpose of a (batch, L, dim) activation is {L * dim, 1, dim} ("time-major", what linear layers
+// produce). Tiles of either layout load without copies; other strides take a scalar path.
+struct Layout {
+  int64_t b, c, t;
+};
+
+inline int64_t offset_of(const Layout& l, int64_t b, int64_t c, int64_t t) { return b * l.b + c * l.c + t * l.t; }
+
 template <typename T>
 struct ScanArgs {
   int64_t batch, dim, L, N, G, M;
   const T* u;
   const T* delta;
   const T* z;                  // nullable
+  Layout lu, ldelta, lz;
   const float* A;              // (M, dim, N)
   const float* B;              // (batch, G, L, N)
   const float* C;              // (batch, G, L, N)
@@ -55,6 +65,7 @@ struct ScanArgs {
 template <typename T>
 struct FwdOut {
   T* out;               // (batch, dim, L)
+  Layout lout;
   float* last_state;    // (batch, dim, N)
   float* chunk_states;  // (batch, dim, n_chunks, N)
 };
@@ -67,6 +78,7 @@ struct BwdOut {
   T* du;                       // (batch, dim, L)
   T* ddelta;                   // (batch, dim, L)
   T* dz;                       // (batch, dim, L), nullable (when z is)
+  Layout ldout, ldu, lddelta, ldz;
   float* dB_part;              // (batch, G, n_blocks, L, N), zero-initialised
   float* dC_part;              // (batch, G, n_blocks, L, N), zero-initialised
   float* dA_part;              // (batch, M, dim, N)
@@ -125,6 +137,8 @@ using momoe::scan::kChunk;
 using momoe::scan::kTile;
 using momoe::scan::ScanArgs;
 using momoe::scan::StepArgs;
+using momoe::scan::Layout;
+using momoe::scan::offset_of;
 
 // out[n] = sum_c X[n * 16 + c] for a 16 x 16 block: a transpose-and-add tree (45 shuffles and adds
 // instead of 16 horizontal reductions), written with GCC vector extensions.
@@ -155,14 +169,14 @@ inline void row_sums_16x16(const float* __restrict X, float* __restrict out) {
   std::memcpy(out, &s, sizeof(vf));
 }
 
-// Transposed load of a (channels, time) slab: dst[t * 16 + c] = src_c[t0 + t] for c < nc, 0 beyond.
+// Load of a (channels, time) slab into the tile layout: dst[t * 16 + c] = src[c * cs + t * ts] for
+// c < nc (0 beyond), t in [t0, len).
 template <typename T>
-inline void load_tile_scalar(float* __restrict dst, const T* __restrict src, int64_t L, int nc, int64_t t0,
-                             int64_t len) {
+inline void load_tile_scalar(float* __restrict dst, const T* __restrict src, int64_t cs, int64_t ts, int nc,
+                             int64_t t0, int64_t len) {
   for (int c = 0; c < kTile; ++c) {
     if (c < nc) {
-      const T* row = src + c * L;
-      for (int64_t t = t0; t < len; ++t) dst[t * kTile + c] = load_float(row, t);
+      for (int64_t t = t0; t < len; ++t) dst[t * kTile + c] = load_float(src, c * cs + t * ts);
     } else {
       for (int64_t t = t0; t < len; ++t) dst[t * kTile + c] = 0.0f;
     }
@@ -170,12 +184,10 @@ inline void load_tile_scalar(float* __restrict dst, const T* __restrict src, int
 }
 
 template <typename T>
-inline void store_tile_scalar(T* __restrict dst, const float* __restrict src, int64_t L, int nc, int64_t t0,
-                              int64_t len) {
-  for (int c = 0; c < nc; ++c) {
-    T* row = dst + c * L;
-    for (int64_t t = t0; t < len; ++t) store_float(row, t, src[t * kTile + c]);
-  }
+inline void store_tile_scalar(T* __restrict dst, const float* __restrict src, int64_t cs, int64_t ts, int nc,
+                              int64_t t0, int64_t len) {
+  for (int c = 0; c < nc; ++c)
+    for (int64_t t = t0; t < len; ++t) store_float(dst, c * cs + t * ts, src[t * kTile + c]);
 }
 
 #if defined(MOMOE_SCAN_AVX512)
@@ -235,43 +247,48 @@ inline void store16(T* p, __m512 v) {
   }
 }
 
-// Full tiles move through 16 x 16 register transposes; a partial tile or time tail goes scalar.
+// Full tiles: channel-major sources go through 16 x 16 register transposes, time-major ones are
+// 16 contiguous channels per step; a partial tile, a time tail or other strides go scalar.
 template <typename T>
-inline void load_tile(float* __restrict dst, const T* __restrict src, int64_t L, int nc, int64_t len) {
+inline void load_tile(float* __restrict dst, const T* __restrict src, int64_t cs, int64_t ts, int nc, int64_t len) {
   int64_t t = 0;
-  if (nc == kTile) {
+  if (nc == kTile && ts == 1) {
     for (; t + 16 <= len; t += 16) {
       __m512 r[16];
-      for (int c = 0; c < 16; ++c) r[c] = load16(src + c * L + t);
+      for (int c = 0; c < 16; ++c) r[c] = load16(src + c * cs + t);
       transpose_16x16(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + (t + i) * kTile, r[i]);
     }
+  } else if (nc == kTile && cs == 1) {
+    for (; t < len; ++t) _mm512_storeu_ps(dst + t * kTile, load16(src + t * ts));
   }
-  load_tile_scalar(dst, src, L, nc, t, len);
+  load_tile_scalar(dst, src, cs, ts, nc, t, len);
 }
 
 template <typename T>
-inline void store_tile(T* __restrict dst, const float* __restrict src, int64_t L, int nc, int64_t len) {
+inline void store_tile(T* __restrict dst, const float* __restrict src, int64_t cs, int64_t ts, int nc, int64_t len) {
   int64_t t = 0;
-  if (nc == kTile) {
+  if (nc == kTile && ts == 1) {
     for (; t + 16 <= len; t += 16) {
       __m512 r[16];
       for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + (t + i) * kTile);
       transpose_16x16(r);
-      for (int c = 0; c < 16; ++c) store16(dst + c * L + t, r[c]);
+      for (int c = 0; c < 16; ++c) store16(dst + c * cs + t, r[c]);
     }
+  } else if (nc == kTile && cs == 1) {
+    for (; t < len; ++t) store16(dst + t * ts, _mm512_loadu_ps(src + t * kTile));
   }
-  store_tile_scalar(dst, src, L, nc, t, len);
+  store_tile_scalar(dst, src, cs, ts, nc, t, len);
 }
 #else
 template <typename T>
-inline void load_tile(float* __restrict dst, const T* __restrict src, int64_t L, int nc, int64_t len) {
-  load_tile_scalar(dst, src, L, nc, 0, len);
+inline void load_tile(float* __restrict dst, const T* __restrict src, int64_t cs, int64_t ts, int nc, int64_t len) {
+  load_tile_scalar(dst, src, cs, ts, nc, 0, len);
 }
 
 template <typename T>
-inline void store_tile(T* __restrict dst, const float* __restrict src, int64_t L, int nc, int64_t len) {
-  store_tile_scalar(dst, src, L, nc, 0, len);
+inline void store_tile(T* __restrict dst, const float* __restrict src, int64_t cs, int64_t ts, int nc, int64_t len) {
+  store_tile_scalar(dst, src, cs, ts, nc, 0, len);
 }
 #endif
 
@@ -492,25 +509,24 @@ void fwd_tile(const ScanArgs<T>& a, const FwdOut<T>& o, int64_t b, int64_t g, in
       h[n * kTile + c] = (a.initial_state != nullptr && c < nc) ? a.initial_state[((b * dim) + d0 + c) * N + n] : 0.0f;
   const float* Bg = a.B + (b * a.G + g) * N * L;
   const float* Cg = a.C + (b * a.G + g) * N * L;
-  const int64_t row0 = (b * dim + d0) * L;
   for (int64_t ci = 0; ci < n_chunks; ++ci) {
     const int64_t t0 = ci * kChunk;
     const int64_t len = L - t0 < kChunk ? L - t0 : kChunk;
     const int32_t* mod = a.modality != nullptr ? a.modality + b * L + t0 : nullptr;
     for (int c = 0; c < nc; ++c)
       for (int64_t n = 0; n < N; ++n) o.chunk_states[(((b * dim) + d0 + c) * n_chunks + ci) * N + n] = h[n * kTile + c];
-    load_tile(dtb, a.delta + row0 + t0, L, nc, len);
-    load_tile(ub, a.u + row0 + t0, L, nc, len);
+    load_tile(dtb, a.delta + offset_of(a.ldelta, b, d0, t0), a.ldelta.c, a.ldelta.t, nc, len);
+    load_tile(ub, a.u + offset_of(a.lu, b, d0, t0), a.lu.c, a.lu.t, nc, len);
     std::memcpy(dub, ub, sizeof(float) * len * kTile);
     prepare_dt(dtb, dub, nullptr, dbt, mod, len, a.softplus);
     scan_chunk(h, yb, nullptr, nullptr, dtb, dub, At, Bg + t0 * N, Cg + t0 * N, mod, N, len);
     // Epilogue in the (time, channel) tile layout: D skip and SiLU(z) gate.
-    if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
+    if (a.z != nullptr) load_tile(zb, a.z + offset_of(a.lz, b, d0, t0), a.lz.c, a.lz.t, nc, len);
     for (int64_t t = 0; t < len; ++t) {
       const float* Dm = Dt + (mod != nullptr ? mod[t] : 0) * kTile;
       gate_step(yb + t * kTile, Dm, ub + t * kTile, a.z != nullptr ? zb + t * kTile : nullptr);
     }
-    store_tile(o.out + row0 + t0, yb, L, nc, len);
+    store_tile(o.out + offset_of(o.lout, b, d0, t0), yb, o.lout.c, o.lout.t, nc, len);
   }
   for (int c = 0; c < nc; ++c)
     for (int64_t n = 0; n < N; ++n) o.last_state[((b * dim) + d0 + c) * N + n] = h[n * kTile + c];
@@ -585,7 +601,6 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
       dh[n * kTile + c] = (o.dlast_state != nullptr && c < nc) ? o.dlast_state[((b * dim) + d0 + c) * N + n] : 0.0f;
   const float* Bg = a.B + (b * a.G + g) * N * L;
   const float* Cg = a.C + (b * a.G + g) * N * L;
-  const int64_t row0 = (b * dim + d0) * L;
   for (int64_t ci = n_chunks - 1; ci >= 0; --ci) {
     const int64_t t0 = ci * kChunk;
     const int64_t len = L - t0 < kChunk ? L - t0 : kChunk;
@@ -594,8 +609,8 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
     for (int c = 0; c < kTile; ++c)
       for (int64_t n = 0; n < N; ++n)
         hrun[n * kTile + c] = c < nc ? o.chunk_states[(((b * dim) + d0 + c) * n_chunks + ci) * N + n] : 0.0f;
-    load_tile(dtb, a.delta + row0 + t0, L, nc, len);
-    load_tile(ub, a.u + row0 + t0, L, nc, len);
+    load_tile(dtb, a.delta + offset_of(a.ldelta, b, d0, t0), a.ldelta.c, a.ldelta.t, nc, len);
+    load_tile(ub, a.u + offset_of(a.lu, b, d0, t0), a.lu.c, a.lu.t, nc, len);
     std::memcpy(dub, ub, sizeof(float) * len * kTile);
     prepare_dt(dtb, dub, sgb, dbt, mod, len, a.softplus);
     scan_chunk(hrun, yb, hs, as, dtb, dub, At, Bg + t0 * N, Cg + t0 * N, mod, N, len);
@@ -603,14 +618,14 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
     // hold dout and z here (they are outputs of the reverse scan below); dz overwrites yb.
     float* dob = ddtb;
     float* zb = dutb;
-    load_tile(dob, o.dout + row0 + t0, L, nc, len);
-    if (a.z != nullptr) load_tile(zb, a.z + row0 + t0, L, nc, len);
+    load_tile(dob, o.dout + offset_of(o.ldout, b, d0, t0), o.ldout.c, o.ldout.t, nc, len);
+    if (a.z != nullptr) load_tile(zb, a.z + offset_of(a.lz, b, d0, t0), a.lz.c, a.lz.t, nc, len);
     for (int64_t t = 0; t < len; ++t) {
       const int64_t m = mod != nullptr ? mod[t] : 0;
       gate_bwd_step(yb + t * kTile, dyb + t * kTile, dyDb + t * kTile, dDt + m * kTile, dob + t * kTile,
                     a.z != nullptr ? zb + t * kTile : nullptr, ub + t * kTile, Dt + m * kTile);
     }
-    if (o.dz != nullptr) store_tile(o.dz + row0 + t0, yb, L, nc, len);
+    if (o.dz != nullptr) store_tile(o.dz + offset_of(o.ldz, b, d0, t0), yb, o.ldz.c, o.ldz.t, nc, len);
     // Reverse scan over the chunk.
     for (int64_t t = len - 1; t >= 0; --t) {
       const int64_t m = mod != nullptr ? mod[t] : 0;
@@ -656,8 +671,8 @@ void bwd_tile(const ScanArgs<T>& a, const BwdOut<T>& o, int64_t b, int64_t g, in
         duo[c] = dbu[c] * dt[c] + dyD[c];
       }
     }
-    store_tile(o.ddelta + row0 + t0, ddtb, L, nc, len);
-    store_tile(o.du + row0 + t0, dutb, L, nc, len);
+    store_tile(o.ddelta + offset_of(o.lddelta, b, d0, t0), ddtb, o.lddelta.c, o.lddelta.t, nc, len);
+    store_tile(o.du + offset_of(o.ldu, b, d0, t0), dutb, o.ldu.c, o.ldu.t, nc, len);
   }
   for (int c = 0; c < nc; ++c) {
     const int64_t d = d0 + c;

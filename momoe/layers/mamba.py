@@ -31,6 +31,31 @@ class MambaState:
     ssm_state: torch.Tensor
 
 
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], prev: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Channel-last causal depthwise conv: y[b, t] = bias + sum_k weight[:, 0, k] * x[b, t - K + 1 + k].
+
+    x: (B, L, E); weight: (E, 1, K) (nn.Conv1d's); prev: (B, K - 1, E), the inputs before x (zeros
+    when None). Returns (B, L, E) contiguous.
+    """
+    K, L = weight.shape[-1], x.shape[1]
+    xp = torch.cat([prev, x], dim=1) if prev is not None else F.pad(x, (0, 0, K - 1, 0))
+    w = weight[:, 0, :].to(x.dtype)
+    y = xp[:, 0:L] * w[:, 0]
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    for k in range(1, K):
+        y = torch.addcmul(y, xp[:, k : k + L], w[:, k])
+    return y
+
+
+def conv_tail(x: torch.Tensor, prev: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    """The last k conv inputs after x: (B, L, E) (zeros before the start) -> (B, k, E)."""
+    xp = torch.cat([prev, x], dim=1) if prev is not None else F.pad(x, (0, 0, k, 0))
+    return xp[:, xp.shape[1] - k :].detach()
+
+
 class MambaMixer(nn.Module):
     """in_proj -> causal depthwise conv1d -> SiLU -> x_proj -> dt_proj -> selective scan (D skip,
     SiLU(z) gate) -> out_proj, each projection per modality when it is in `split`."""
@@ -115,38 +140,28 @@ class MambaMixer(nn.Module):
     ) -> Tuple[torch.Tensor, Optional[MambaState]]:
         """hidden: (B, L, D); modality_ids: (B, L); routing: the tokens sorted by modality (needed when
         a projection is split); state: continue from it (chunked prefill). Returns (B, L, D) and,
-        with return_state, the state after the last token."""
-        batch, L, _ = hidden.shape
+        with return_state, the state after the last token.
+
+        Activations stay time-major, (B, L, E), from in_proj to out_proj: the conv runs channel-last
+        and the scan reads and writes that layout through its strides, so nothing is transposed."""
         x, z = self.in_proj(hidden, routing).chunk(2, dim=-1)  # (B, L, E) each
-        x_BEL = self._conv(x.transpose(1, 2), state)
-        new_conv = self._conv_tail(x.transpose(1, 2), state) if return_state else None
-        x_BEL = F.silu(x_BEL)
-        x_dbl = self.x_proj(x_BEL.transpose(1, 2), routing)  # (B, L, R + 2N)
+        prev = None if state is None else state.conv_state.transpose(1, 2).to(x.dtype)  # (B, d_conv - 1, E)
+        u = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias, prev))
+        x_dbl = self.x_proj(u, routing)  # (B, L, R + 2N)
         dt_low, B_, C_ = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt_low, routing)  # (B, L, E), bias applied in the scan
         A, D, dt_bias, by_modality = self._ssm_parameters()
         out = selective_scan(
-            x_BEL, dt.transpose(1, 2), A, B_.transpose(1, 2), C_.transpose(1, 2), D=D, z=z.transpose(1, 2),
-            delta_bias=dt_bias, delta_softplus=True, modality=modality_ids if by_modality else None,
+            u.transpose(1, 2), dt.transpose(1, 2), A, B_.transpose(1, 2), C_.transpose(1, 2), D=D,
+            z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True,
+            modality=modality_ids if by_modality else None,
             initial_state=None if state is None else state.ssm_state, return_last_state=return_state,
         )
-        y_BEL, last = out if return_state else (out, None)
-        y = self.out_proj(y_BEL.transpose(1, 2), routing)
-        return y, (MambaState(new_conv, last) if return_state else None)
-
-    def _conv(self, x_BEL: torch.Tensor, state: Optional[MambaState]) -> torch.Tensor:
-        """Causal depthwise conv over time, continuing from state.conv_state when given."""
-        L = x_BEL.shape[-1]
-        if state is None:
-            return self.conv1d(x_BEL)[..., :L]
-        x_ext = torch.cat([state.conv_state.to(x_BEL.dtype), x_BEL], dim=-1)
-        return F.conv1d(x_ext, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-
-    def _conv_tail(self, x_BEL: torch.Tensor, state: Optional[MambaState]) -> torch.Tensor:
-        """The last d_conv - 1 conv inputs (zeros before the start), the next conv_state."""
-        k = self.d_conv - 1
-        prev = state.conv_state.to(x_BEL.dtype) if state is not None else x_BEL.new_zeros(*x_BEL.shape[:2], k)
-        return torch.cat([prev, x_BEL], dim=-1)[..., x_BEL.shape[-1]:].detach().clone()
+        y, last = out if return_state else (out, None)
+        y = self.out_proj(y.transpose(1, 2), routing)
+        if not return_state:
+            return y, None
+        return y, MambaState(conv_tail(x, prev, self.d_conv - 1).transpose(1, 2).contiguous(), last)
 
     # ------------------------------------------------------------------ decoding
     def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> MambaState:

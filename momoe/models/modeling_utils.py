@@ -39,10 +39,12 @@ def causal_lm_loss(
         the mean loss over all targets, and the mean over each modality's targets (modalities with
         no target are left out).
     """
-    logits_t = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    targets = labels[:, 1:].reshape(-1)
-    target_modality = modality_ids[:, 1:].reshape(-1)
-    per_token = F.cross_entropy(logits_t, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    # Shift the labels rather than the logits (a view of the logits, no copy of (B, L, V)); the last
+    # position has no target.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    target_modality = F.pad(modality_ids[:, 1:], (0, 1), value=0).reshape(-1)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
+                                reduction="none")
     valid = targets != IGNORE_INDEX
     loss = per_token.sum() / valid.sum().clamp(min=1)
     per_modality = {}

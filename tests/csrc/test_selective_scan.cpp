@@ -90,6 +90,9 @@ std::vector<float> to_float(const std::vector<double>& v) {
   return std::vector<float>(v.begin(), v.end());
 }
 
+// mamba-ssm's (batch, dim, L) contiguous layout.
+ss::Layout channel_major(const Problem& p) { return {p.dim * p.L, p.L, 1}; }
+
 template <typename T>
 ss::ScanArgs<T> args_of(const Problem& p, const std::vector<T>& u, const std::vector<T>& delta,
                         const std::vector<T>& z) {
@@ -103,6 +106,7 @@ ss::ScanArgs<T> args_of(const Problem& p, const std::vector<T>& u, const std::ve
   a.u = u.data();
   a.delta = delta.data();
   a.z = p.has_z ? z.data() : nullptr;
+  a.lu = a.ldelta = a.lz = channel_major(p);
   a.A = p.A.data();
   a.B = p.B.data();
   a.C = p.C.data();
@@ -121,7 +125,7 @@ void run_forward(const Problem& p, std::vector<float>& out, std::vector<float>& 
   last.assign(p.batch * p.dim * p.N, 0.0f);
   chunks.assign(p.batch * p.dim * ss::num_chunks(p.L) * p.N, 0.0f);
   const auto a = args_of<T>(p, u, delta, z);
-  ss::FwdOut<T> fo{o.data(), last.data(), chunks.data()};
+  ss::FwdOut<T> fo{o.data(), channel_major(p), last.data(), chunks.data()};
   std::vector<float> ws(ss::fwd_scratch_floats(p.N, p.M));
   kern::fwd_tasks<T>(a, fo, 0, ss::fwd_num_tasks(p.batch, p.dim, p.G), ws.data());
   out = to_float(o);
@@ -195,8 +199,9 @@ void test_backward(Problem p) {
   std::vector<float> dBp(p.batch * p.G * bpg * p.L * p.N, 0.0f), dCp(dBp.size(), 0.0f);
   std::vector<float> dAp(p.batch * p.M * p.dim * p.N), dDp(p.batch * p.M * p.dim), dbp(p.batch * p.M * p.dim);
   std::vector<float> dinit(p.batch * p.dim * p.N);
-  ss::BwdOut<float> o{wo.data(), wl.data(), chunks.data(), du.data(), ddelta.data(), dz.data(), dBp.data(),
-                      dCp.data(), dAp.data(), dDp.data(), dbp.data(), dinit.data()};
+  const ss::Layout cm = channel_major(p);
+  ss::BwdOut<float> o{wo.data(), wl.data(), chunks.data(), du.data(), ddelta.data(), dz.data(), cm, cm, cm, cm,
+                      dBp.data(), dCp.data(), dAp.data(), dDp.data(), dbp.data(), dinit.data()};
   const auto a = args_of<float>(p, p.u, p.delta, p.z);
   std::vector<float> ws(ss::bwd_scratch_floats(p.N, p.M));
   kern::bwd_tasks<float>(a, o, 0, ss::bwd_num_tasks(p.batch, p.dim, p.G), ws.data());

@@ -128,17 +128,53 @@ def test_scan_matches_reference(case):
     compare(make_inputs(dim=dim, N=16 if case["L"] == 600 else 4 + 4 * long, **case))
 
 
+def time_major(x: torch.Tensor, pair: bool = False) -> torch.Tensor:
+    """(batch, dim, L) values as the transpose of a (batch, L, dim) activation; with `pair`, the first
+    half of a (batch, L, 2 dim) tensor (how a Mamba block's x and z come out of in_proj)."""
+    t = x.transpose(1, 2)
+    if pair:
+        t = torch.cat([t, torch.zeros_like(t)], dim=-1)[..., : x.shape[1]]
+    return t.contiguous().transpose(1, 2) if not pair else t.transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["channel-major", "time-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
-def test_scan_every_instruction_set(isa, dtype, monkeypatch):
+def test_scan_every_instruction_set(isa, dtype, layout, monkeypatch):
     """Each CPU build of the kernel (MOMOE_CPU_ISA narrows the run-time choice) against the reference:
     dim 40 = two full 16-channel tiles and a partial one, L 275 = full 16-step blocks, a tail and a
-    chunk boundary (the AVX-512 transposes and scalef exp, and their scalar fallbacks)."""
+    chunk boundary (the AVX-512 transposes and scalef exp, and their scalar fallbacks); u, delta and z
+    in mamba-ssm's layout or time-major (z a slice of a wider tensor)."""
     if isa != "native":
         monkeypatch.setenv("MOMOE_CPU_ISA", isa)
     low = dtype != torch.float32
-    compare(make_inputs(dim=40, L=275, N=16, M=3, dtype=dtype, param_dtype=dtype if low else None,
-                        state_dtype=dtype if low else torch.float32))
+    kw = make_inputs(dim=40, L=275, N=16, M=3, dtype=dtype, param_dtype=dtype if low else None,
+                     state_dtype=dtype if low else torch.float32)
+    if layout == "time-major":
+        kw.update(u=time_major(kw["u"]), delta=time_major(kw["delta"]), z=time_major(kw["z"], pair=True))
+    compare(kw)
+
+
+def test_output_and_gradient_layouts():
+    """Outputs follow the inputs' layouts (time-major in, time-major out), so that a model feeding the
+    scan from linear layers and feeding its output to one never copies."""
+    kw = make_inputs(dim=16, L=33, N=4, M=3)
+    kw.update(u=time_major(kw["u"]), delta=time_major(kw["delta"]), z=time_major(kw["z"], pair=True))
+    out, _, grads = run_scan(kernel_scan, kw)
+    assert out.transpose(1, 2).is_contiguous()
+    for name in ("u", "delta"):
+        assert grads[name].transpose(1, 2).is_contiguous(), name
+    assert grads["z"].stride(1) == 1
+    cm = make_inputs(dim=16, L=33, N=4)
+    out, _, grads = run_scan(kernel_scan, cm)
+    assert out.is_contiguous() and grads["u"].is_contiguous() and grads["delta"].is_contiguous()
+
+
+def test_opcheck_time_major():
+    kw = make_inputs(dim=16, L=20, N=4, M=3)
+    args = (time_major(kw["u"]), time_major(kw["delta"]), kw["A"], kw["B"], kw["C"], kw["D"],
+            time_major(kw["z"], pair=True), kw["delta_bias"], True, kw["modality"], kw["initial_state"])
+    torch.library.opcheck(torch.ops.momoe.selective_scan_fwd.default, args)
 
 
 @pytest.mark.parametrize("used", ["out", "out_sum", "last_state"])

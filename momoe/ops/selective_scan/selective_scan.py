@@ -22,6 +22,19 @@ def _check_devices(op: str, reference: torch.Tensor, **tensors: Optional[torch.T
             )
 
 
+def _is_time_major(x: torch.Tensor) -> bool:
+    """The kernel's rule (csrc/selective_scan/selective_scan_cpu.cpp): channels contiguous, time not."""
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1 and x.stride(2) != 1
+
+
+def _empty_bdl(like: torch.Tensor, time_major: bool) -> torch.Tensor:
+    """An uninitialised (batch, dim, L) tensor in the kernel's output layout."""
+    batch, dim, L = like.shape
+    if time_major:
+        return like.new_empty((batch, L, dim)).transpose(1, 2)
+    return like.new_empty((batch, dim, L))
+
+
 def _empty_like_absent(u: torch.Tensor) -> torch.Tensor:
     """The (0,) tensor the backward returns for an input that was None."""
     return u.new_empty((0,))
@@ -49,7 +62,7 @@ if extension_available():
         batch, dim, L = u.shape
         N = A.shape[-1]
         n_chunks = (L + (CHUNK - 1)) // CHUNK
-        out = u.new_empty((batch, dim, L))
+        out = _empty_bdl(u, _is_time_major(u) or (z is not None and _is_time_major(z)))
         last_state = u.new_empty((batch, dim, N), dtype=torch.float32)
         chunk_states = u.new_empty((batch, dim, n_chunks, N), dtype=torch.float32)
         return out, last_state, chunk_states
@@ -74,14 +87,17 @@ if extension_available():
         def like(x: Optional[torch.Tensor]) -> torch.Tensor:
             return _empty_like_absent(u) if x is None else torch.empty_like(x, memory_format=torch.contiguous_format)
 
+        def like_activation(x: Optional[torch.Tensor]) -> torch.Tensor:
+            return _empty_like_absent(u) if x is None else _empty_bdl(x, _is_time_major(x))
+
         return (
-            like(u),
-            like(delta),
+            like_activation(u),
+            like_activation(delta),
             like(A),
             like(B),
             like(C),
             like(D),
-            like(z),
+            like_activation(z),
             like(delta_bias),
             like(initial_state),
         )
