@@ -19,6 +19,11 @@ from torch import nn
 from momoe.layers.modality_linear import ModalityLinear, ModalityRouting
 from momoe.ops import selective_scan, selective_state_update
 
+try:  # optional extra (CUDA only): Tri Dao's fused causal conv1d
+    from causal_conv1d import causal_conv1d_fn
+except (ImportError, OSError):  # not installed, or installed without its CUDA extension
+    causal_conv1d_fn = None
+
 SPLITTABLE_PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
@@ -37,8 +42,13 @@ def causal_depthwise_conv(
     """Channel-last causal depthwise conv: y[b, t] = bias + sum_k weight[:, 0, k] * x[b, t - K + 1 + k].
 
     x: (B, L, E); weight: (E, 1, K) (nn.Conv1d's); prev: (B, K - 1, E), the inputs before x (zeros
-    when None). Returns (B, L, E) contiguous.
+    when None). Returns (B, L, E) contiguous. On CUDA the `causal-conv1d` package is used when it is
+    installed.
     """
+    if x.is_cuda and causal_conv1d_fn is not None:
+        # The package takes channel-last (B, E, L) views, as x.transpose(1, 2) is.
+        initial = None if prev is None else prev.transpose(1, 2)
+        return causal_conv1d_fn(x.transpose(1, 2), weight[:, 0, :], bias, initial_states=initial).transpose(1, 2)
     K, L = weight.shape[-1], x.shape[1]
     xp = torch.cat([prev, x], dim=1) if prev is not None else F.pad(x, (0, 0, K - 1, 0))
     w = weight[:, 0, :].to(x.dtype)
