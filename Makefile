@@ -16,7 +16,7 @@ $(PY):
 	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel ninja
 
 $(STAMP): $(PY) $(KERNEL_SOURCES)
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[dev,test]'
 	$(PY) -m pip install -q einops
 	$(MAMBA_ENV) $(PY) -m pip install -q --no-build-isolation --no-deps mamba-ssm || \
 		echo "note: mamba-ssm could not be installed; its parity test will be skipped"

@@ -9,7 +9,7 @@ import glob
 import os
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
@@ -65,7 +65,15 @@ def torch_requirement() -> str:
     return "torch==" + torch.__version__.split("+")[0]
 
 
+# The zoo cards live in the repository-root models/ folder (one JSON per model, see models/); the wheel
+# ships them as package data of momoe.models.cards, where momoe.models.registry looks first. From a
+# source tree (editable install) the registry reads models/ directly, so the JSON files exist once in git.
+CARDS_PACKAGE = "momoe.models.cards"
+
 setup(
+    packages=find_packages(include=["momoe", "momoe.*"]) + [CARDS_PACKAGE],
+    package_dir={CARDS_PACKAGE: "models"},
+    package_data={CARDS_PACKAGE: ["*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[torch_requirement(), "safetensors>=0.4"],

@@ -16,7 +16,19 @@ MODEL_TYPES: Dict[str, Tuple[Type[ModelConfig], Type[PreTrainedModel]]] = {
     MambaConfig.model_type: (MambaConfig, MambaLM),
 }
 
-CARDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cards")
+
+def _find_cards_dir() -> str:
+    """Where the zoo cards are: momoe/models/cards in an installed wheel (setup.py maps the repository's
+    models/ folder there as package data), else models/ at the root of a source checkout (editable
+    install, or running from the tree)."""
+    here = os.path.dirname(os.path.abspath(__file__))  # .../momoe/models
+    packaged = os.path.join(here, "cards")
+    if os.path.isdir(packaged):
+        return packaged
+    return os.path.normpath(os.path.join(here, os.pardir, os.pardir, "models"))
+
+
+CARDS_DIR = _find_cards_dir()
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
@@ -61,12 +73,18 @@ def build_model(config: Union[ModelConfig, str, Mapping[str, Any]]) -> PreTraine
 
 
 def from_pretrained(path: str) -> PreTrainedModel:
-    """Load a momoe checkpoint (config.json + model.safetensors) from a folder."""
+    """Load a checkpoint folder: momoe's own (config.json + model.safetensors), or a mamba-ssm or
+    Hugging Face MambaForCausalLM checkpoint, imported as a dense MambaLM. The layout is told from
+    config.json and the tensor names (momoe.models.mamba.convert_mamba.detect_layout)."""
+    from momoe.models.mamba.convert_mamba import detect_layout, import_mamba
+
     data = load_json(os.path.join(path, CONFIG_NAME))
+    if detect_layout(data, source=path) != "momoe":
+        return import_mamba(path)
     model_type = data.get("model_type")
-    if model_type not in MODEL_TYPES or "momoe_version" not in data:
-        raise CheckpointError(f"momoe: {path} is not a momoe checkpoint (config.json has model_type "
-                              f"{model_type!r}, no momoe_version)")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"momoe: {path} is a momoe checkpoint of unknown model_type {model_type!r}; "
+                              f"known: {sorted(MODEL_TYPES)}")
     return MODEL_TYPES[model_type][1].from_pretrained(path)
 
 
