@@ -16,7 +16,7 @@ from typing import Dict, List
 import torch
 
 import momoe.ops as ops
-from benchmarks.common import environment, keep_freed_memory, measure, print_table, write_json
+from benchmarks.common import environment, keep_freed_memory, measure, measure_interleaved, print_table, write_json
 from momoe.ops.selective_scan import naive as scan_naive
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,10 +70,9 @@ def bench_grouped_gemm(args) -> List[Dict[str, object]]:
         w = torch.randn(G, K, N, dtype=dtype) / K**0.5
         w_dense = w[0].clone()
         flops = 2.0 * T * K * N
-        t_dense = measure(lambda: torch.mm(x, w_dense), repeat=args.repeat)
         impls = grouped_gemm_impls(x, w)
         for split in ("balanced", "skewed", "changing"):
-            timings = {"dense torch.mm": t_dense}
+            calls = {"dense torch.mm": lambda: torch.mm(x, w_dense)}
             for seed, (name, fn) in enumerate(impls.items()):
                 if split == "changing":
                     # A stream of its own for each implementation: oneDNN's kernel cache is shared, so
@@ -81,10 +80,12 @@ def bench_grouped_gemm(args) -> List[Dict[str, object]]:
                     stream = random_splits(T, G, seed=seed)
                     for _ in range(100):
                         fn(next(stream))
-                    timings[name] = measure(lambda: fn(next(stream)), repeat=args.repeat)
+                    calls[name] = lambda fn=fn, stream=stream: fn(next(stream))
                 else:
                     sizes = split_sizes(T, G, split == "skewed")
-                    timings[name] = measure(lambda: fn(sizes), repeat=args.repeat)
+                    calls[name] = lambda fn=fn, sizes=sizes: fn(sizes)
+            timings = measure_interleaved(calls, repeat=args.repeat)
+            t_dense = timings["dense torch.mm"]
             ours = timings["momoe grouped_gemm"]
             for name, t in timings.items():
                 rows.append({
@@ -194,11 +195,7 @@ def bench_scan(args) -> List[Dict[str, object]]:
             "ours fwd+bwd": fwd_bwd(ops.selective_scan, single),
             "ours fwd+bwd M=3": fwd_bwd(ops.selective_scan, split),
         }
-        # Single- and three-modality runs alternate over two rounds, the best round of each kept, so that
-        # a slow spell of this shared machine does not land on one side of the M=3 / M=1 ratio.
-        for _ in range(2):
-            for key, fn in ours.items():
-                t[key] = min(t.get(key, float("inf")), measure(fn, repeat=args.repeat))
+        t.update(measure_interleaved(ours, repeat=args.repeat))
         checks = [
             ("forward", "ref fwd", "ours fwd", "speed-up vs reference", t["ref fwd"] / t["ours fwd"], ">= 40x", 40.0),
             ("fwd+bwd", "ref fwd+bwd", "ours fwd+bwd", "speed-up vs reference autograd",

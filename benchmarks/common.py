@@ -46,6 +46,16 @@ def measure(fn: Callable[[], object], warmup: int = 2, repeat: int = 5, min_time
     return statistics.median(times)
 
 
+def measure_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 2, **kwargs) -> Dict[str, float]:
+    """measure() of each function, the functions taking turns over `rounds` rounds and the best round
+    kept for each: a slow spell of a shared machine then lands on no single side of a comparison."""
+    best: Dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best.get(name, float("inf")), measure(fn, **kwargs))
+    return best
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
