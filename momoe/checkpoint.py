@@ -3,7 +3,7 @@ clear errors. No pickle anywhere."""
 import json
 import os
 import tempfile
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -70,21 +70,27 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"momoe: {path} is not a readable safetensors file ({error})") from None
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError listing missing/unexpected keys and shape or dtype mismatches."""
-    expected = model.state_dict()
+def check_tensors(expected: Mapping[str, Sequence[int]], state: Mapping[str, torch.Tensor], context: str) -> None:
+    """Raise CheckpointError listing missing and unexpected tensors, wrong shapes and non-float tensors
+    of `state` against the expected names and shapes; `context` starts the message."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if unexpected:
-        problems.append(f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     for name in sorted(set(expected) & set(state)):
-        want, got = expected[name], state[name]
-        if tuple(want.shape) != tuple(got.shape):
-            problems.append(f"{name}: shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} in the model")
-        elif not got.is_floating_point() and want.is_floating_point():
-            problems.append(f"{name}: dtype {got.dtype} in the checkpoint, a floating dtype in the model")
+        got = state[name]
+        if tuple(got.shape) != tuple(expected[name]):
+            problems.append(f"{name} has shape {tuple(got.shape)}, expected {tuple(expected[name])}")
+        elif not got.is_floating_point():
+            problems.append(f"{name} has dtype {got.dtype}, expected a floating-point tensor")
     if problems:
-        raise CheckpointError(f"momoe: {source} does not match the model: " + "; ".join(problems))
+        raise CheckpointError(f"{context}: " + "; ".join(problems))
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """check_tensors against the model's state dict."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    check_tensors(expected, state, f"momoe: {source} does not match the model")

@@ -256,10 +256,10 @@ def test_bad_checkpoints(tmp_path):
         with pytest.raises(CheckpointError, match=match):
             momoe.from_pretrained(str(tmp_path))
 
-    expect({k: v for k, v in state.items() if k != "layers.1.mixer.A_log"}, "missing keys.*layers.1.mixer.A_log")
-    expect({**state, "layers.0.mixer.D": torch.zeros(1, 5)}, r"layers.0.mixer.D: shape \(1, 5\)")
-    expect({**state, "norm_f.weight": torch.zeros(32, dtype=torch.int32)}, "norm_f.weight: dtype torch.int32")
-    expect({**state, "extra": torch.zeros(1)}, "unexpected keys.*extra")
+    expect({k: v for k, v in state.items() if k != "layers.1.mixer.A_log"}, "missing tensors.*layers.1.mixer.A_log")
+    expect({**state, "layers.0.mixer.D": torch.zeros(1, 5)}, r"layers.0.mixer.D has shape \(1, 5\)")
+    expect({**state, "norm_f.weight": torch.zeros(32, dtype=torch.int32)}, "norm_f.weight has dtype torch.int32")
+    expect({**state, "extra": torch.zeros(1)}, "unexpected tensors.*extra")
     with open(weights, "wb") as f:
         f.write(b"\x00" * 7)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):

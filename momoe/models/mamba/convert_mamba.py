@@ -24,7 +24,7 @@ from typing import Any, Callable, Collection, Dict, Literal, Mapping, Optional
 import torch
 
 from momoe.checkpoint import (
-    CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_json, load_weights, save_json, save_weights,
+    CONFIG_NAME, WEIGHTS_NAME, CheckpointError, check_tensors, load_json, load_weights, save_json, save_weights,
 )
 from momoe.models.mamba.configuration_mamba import MambaConfig
 from momoe.models.mamba.modeling_mamba import MambaLM
@@ -261,26 +261,6 @@ def external_state(model: PreTrainedModel, layout: str) -> Dict[str, torch.Tenso
             for name, ext in _external_names(model, layout).items()}
 
 
-def _check_tensors(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str) -> None:
-    """CheckpointError listing missing and unexpected tensors, wrong shapes and non-float tensors,
-    in the checkpoint's own names and shapes."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    for name in sorted(set(expected) & set(state)):
-        got = state[name]
-        if tuple(got.shape) != tuple(expected[name]):
-            problems.append(f"{name} has shape {tuple(got.shape)}, expected {tuple(expected[name])}")
-        elif not got.is_floating_point():
-            problems.append(f"{name} has dtype {got.dtype}, expected a floating-point tensor")
-    if problems:
-        raise CheckpointError(f"momoe: {source} does not match its config.json: " + "; ".join(problems))
-
-
 def _drop_tied_head(state: Dict[str, torch.Tensor], layout: str, source: str) -> None:
     """With tied embeddings the LM head may be stored too (mamba-ssm's torch.save does): it must then
     equal the embedding, and is dropped."""
@@ -297,7 +277,7 @@ def _to_momoe_state(
     """Checked mamba-ssm / HF tensors (a tied head already dropped) -> the model's names and shapes."""
     names = {ext: name for name, ext in _external_names(model, layout).items()}
     expected = {ext: t.shape for ext, t in external_state(model, layout).items()}
-    _check_tensors(expected, state, f"{source} ({LAYOUT_TITLES[layout]} layout)")
+    check_tensors(expected, state, f"momoe: {source} ({LAYOUT_TITLES[layout]} layout) does not match its config.json")
     return {names[ext]: (t.unsqueeze(0) if _has_modality_dim(names[ext]) else t) for ext, t in state.items()}
 
 
