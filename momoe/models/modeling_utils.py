@@ -110,3 +110,45 @@ class PreTrainedModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ shared by the families
+    def forward_documents(
+        self, input_ids: torch.Tensor, modality_ids: torch.Tensor, labels: Optional[torch.Tensor], seq_idx: torch.Tensor
+    ) -> ModelOutput:
+        """Packed rows (B, L) with document ids seq_idx: every document runs as a row of its own, so no
+        state, attention or position crosses a document boundary; logits come back packed."""
+        from momoe.models.packing import Documents
+
+        docs = Documents.from_seq_idx(seq_idx)
+        out = self(docs.unpack(input_ids), docs.unpack(modality_ids),
+                   None if labels is None else docs.unpack(labels, pad=IGNORE_INDEX))
+        out.logits = docs.repack(out.logits)
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        modality_ids: torch.Tensor,
+        max_new_tokens: int,
+        new_modality: int = 0,
+        temperature: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Continue (B, L) prompts by max_new_tokens tokens of modality `new_modality`: a prefill that
+        returns the decoding cache, then one step() per token; greedy when temperature is 0.
+        Returns (B, L + max_new_tokens)."""
+        out = self(input_ids, modality_ids, return_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
+        tokens = [input_ids]
+        mod = torch.full((input_ids.shape[0],), new_modality, dtype=modality_ids.dtype, device=input_ids.device)
+        for i in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            tokens.append(nxt[:, None])
+            if i + 1 < max_new_tokens:
+                logits = self.step(nxt, mod, cache)
+        return torch.cat(tokens, dim=1)

@@ -14,8 +14,7 @@ from momoe.layers.mamba import MambaMixer, MambaState
 from momoe.layers.modality_linear import ModalityRouting
 from momoe.layers.norms import RMSNorm
 from momoe.models.mamba.configuration_mamba import MambaConfig
-from momoe.models.modeling_utils import IGNORE_INDEX, ModelOutput, PreTrainedModel, causal_lm_loss
-from momoe.models.packing import Documents
+from momoe.models.modeling_utils import ModelOutput, PreTrainedModel, causal_lm_loss
 
 
 @dataclasses.dataclass
@@ -111,11 +110,7 @@ class MambaLM(PreTrainedModel):
         if seq_idx is not None:
             if cache is not None or return_cache:
                 raise ValueError("momoe: seq_idx (packed documents) cannot be combined with a decoding cache")
-            docs = Documents.from_seq_idx(seq_idx)
-            out = self.forward(docs.unpack(input_ids), docs.unpack(modality_ids),
-                               None if labels is None else docs.unpack(labels, pad=IGNORE_INDEX))
-            out.logits = docs.repack(out.logits)
-            return out
+            return self.forward_documents(input_ids, modality_ids, labels, seq_idx)
         routing = self._routing(modality_ids)
         x = self.embedding(input_ids)
         states = []
@@ -145,30 +140,3 @@ class MambaLM(PreTrainedModel):
             x = layer.step(x, modality_ids, state, routing)
         cache.seen += 1
         return self.lm_head(self.norm_f(x))
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        modality_ids: torch.Tensor,
-        max_new_tokens: int,
-        new_modality: int = 0,
-        temperature: float = 0.0,
-        generator: Optional[torch.Generator] = None,
-    ) -> torch.Tensor:
-        """Continue (B, L) prompts by max_new_tokens tokens of modality `new_modality`: a chunked prefill,
-        then one step() per token; greedy when temperature is 0. Returns (B, L + max_new_tokens)."""
-        out = self.forward(input_ids, modality_ids, return_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
-        tokens = [input_ids]
-        mod = torch.full((input_ids.shape[0],), new_modality, dtype=modality_ids.dtype, device=input_ids.device)
-        for i in range(max_new_tokens):
-            if temperature > 0:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            tokens.append(nxt[:, None])
-            if i + 1 < max_new_tokens:
-                logits = self.step(nxt, mod, cache)
-        return torch.cat(tokens, dim=1)
