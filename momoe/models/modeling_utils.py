@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from momoe.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, load_json, load_weights, save_json, save_weights
+from momoe.layers.modality_linear import ModalityRouting
 from momoe.models.configuration_utils import ModelConfig
 
 IGNORE_INDEX = -100
@@ -54,6 +55,32 @@ def causal_lm_loss(
         if bool(count > 0):
             per_modality[name] = (per_token * mask).sum() / count
     return loss, per_modality
+
+
+def modality_routing(modality_ids: torch.Tensor, num_modalities: int, split: bool) -> Optional[ModalityRouting]:
+    """The tokens sorted by modality when some parameters are per modality (`split`), else None;
+    modality ids are range-checked either way."""
+    if split:
+        return ModalityRouting.from_ids(modality_ids, num_modalities)
+    if modality_ids.numel() and bool(((modality_ids < 0) | (modality_ids >= num_modalities)).any()):
+        raise ValueError(f"momoe: modality_ids must be in [0, {num_modalities}), got values in "
+                         f"[{int(modality_ids.min())}, {int(modality_ids.max())}]")
+    return None
+
+
+def check_inputs(input_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
+                 labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """Shapes of a forward's inputs; returns modality_ids (zeros, all text, when None)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"momoe: input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
+    if modality_ids is None:
+        modality_ids = torch.zeros_like(input_ids)
+    if modality_ids.shape != input_ids.shape:
+        raise ValueError(f"momoe: modality_ids {tuple(modality_ids.shape)} must match input_ids "
+                         f"{tuple(input_ids.shape)}")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"momoe: labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+    return modality_ids
 
 
 class PreTrainedModel(nn.Module):

@@ -14,7 +14,7 @@ from momoe.layers.mamba import MambaMixer, MambaState
 from momoe.layers.modality_linear import ModalityRouting
 from momoe.layers.norms import RMSNorm
 from momoe.models.mamba.configuration_mamba import MambaConfig
-from momoe.models.modeling_utils import ModelOutput, PreTrainedModel, causal_lm_loss
+from momoe.models.modeling_utils import ModelOutput, PreTrainedModel, causal_lm_loss, check_inputs, modality_routing
 
 
 @dataclasses.dataclass
@@ -76,14 +76,7 @@ class MambaLM(PreTrainedModel):
 
     # ------------------------------------------------------------------ forward
     def _routing(self, modality_ids: torch.Tensor) -> Optional[ModalityRouting]:
-        """Tokens sorted by modality when a projection is split (ids are range-checked either way)."""
-        if self.config.is_mixture:
-            return ModalityRouting.from_ids(modality_ids, self.config.num_modalities)
-        M = self.config.num_modalities
-        if modality_ids.numel() and bool(((modality_ids < 0) | (modality_ids >= M)).any()):
-            raise ValueError(f"momoe: modality_ids must be in [0, {M}) ({self.config.modalities}), got values "
-                             f"in [{int(modality_ids.min())}, {int(modality_ids.max())}]")
-        return None
+        return modality_routing(modality_ids, self.config.num_modalities, self.config.is_mixture)
 
     def forward(
         self,
@@ -98,15 +91,7 @@ class MambaLM(PreTrainedModel):
         IGNORE_INDEX skipped). seq_idx: (B, L) document ids of packed rows (no state crosses documents).
         cache / return_cache: continue from a cache (chunked prefill) and return the one after the last
         token. Returns logits (B, L, V), loss and loss_per_modality when labels are given."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"momoe: input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
-        if modality_ids is None:
-            modality_ids = torch.zeros_like(input_ids)
-        if modality_ids.shape != input_ids.shape:
-            raise ValueError(f"momoe: modality_ids {tuple(modality_ids.shape)} must match input_ids "
-                             f"{tuple(input_ids.shape)}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"momoe: labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+        modality_ids = check_inputs(input_ids, modality_ids, labels)
         if seq_idx is not None:
             if cache is not None or return_cache:
                 raise ValueError("momoe: seq_idx (packed documents) cannot be combined with a decoding cache")
