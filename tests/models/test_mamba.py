@@ -12,6 +12,7 @@ import momoe
 from momoe.checkpoint import CheckpointError, load_weights, save_weights
 from momoe.models import MambaConfig, MambaLM
 from momoe.ops.selective_scan import naive
+from tests.models.helpers import batch, modality_task, randomize
 from tests.utils import assert_close
 
 ALL = ["in_proj", "x_proj", "dt_proj", "out_proj"]
@@ -22,22 +23,6 @@ def tiny(split=(), split_ssm=False, **kw) -> MambaConfig:
     base = dict(vocab_size=64, d_model=32, n_layer=2, d_state=8, modalities=["text", "image", "speech"])
     base.update(kw)
     return MambaConfig(split=list(split), split_ssm=split_ssm, **base)
-
-
-def batch(cfg: MambaConfig, B=2, L=19, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=gen)
-    mod = torch.randint(0, cfg.num_modalities, (B, L), generator=gen)
-    return ids, mod
-
-
-def randomize(model: MambaLM, seed=0) -> MambaLM:
-    """Perturb every parameter so per-modality copies differ (and tied/zero init hides nothing)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 # ----------------------------------------------------------------------------- reference
@@ -287,25 +272,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- training
-def modality_task(B, L, gen):
-    """Interleaved spans of three 'modalities' with different deterministic successor rules over
-    disjoint vocabulary ranges: text counts up, image counts down by 2, speech repeats pairs."""
-    ids = torch.empty(B, L, dtype=torch.long)
-    mod = torch.empty(B, L, dtype=torch.long)
-    for b in range(B):
-        t = 0
-        while t < L:
-            m = int(torch.randint(0, 3, (1,), generator=gen))
-            span = int(torch.randint(4, 10, (1,), generator=gen))
-            start = int(torch.randint(0, 16, (1,), generator=gen))
-            for i in range(min(span, L - t)):
-                step = {0: i, 1: -2 * i, 2: i // 2}[m]
-                ids[b, t] = 16 * m + (start + step) % 16
-                mod[b, t] = m
-                t += 1
-    return ids, mod
-
-
 def test_training_lowers_loss():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

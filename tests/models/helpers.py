@@ -1,0 +1,40 @@
+"""Inputs and utilities shared by the model tests."""
+import torch
+
+from momoe.models.modeling_utils import PreTrainedModel
+
+
+def batch(cfg, B=2, L=19, seed=0):
+    """Random token ids and modality ids (B, L) for a config."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, L), generator=gen)
+    mod = torch.randint(0, cfg.num_modalities, (B, L), generator=gen)
+    return ids, mod
+
+
+def randomize(model: PreTrainedModel, seed=0) -> PreTrainedModel:
+    """Perturb every parameter so per-modality copies differ (and tied/zero init hides nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def modality_task(B, L, gen):
+    """Interleaved spans of three 'modalities' with different deterministic successor rules over
+    disjoint vocabulary ranges: text counts up, image counts down by 2, speech repeats pairs."""
+    ids = torch.empty(B, L, dtype=torch.long)
+    mod = torch.empty(B, L, dtype=torch.long)
+    for b in range(B):
+        t = 0
+        while t < L:
+            m = int(torch.randint(0, 3, (1,), generator=gen))
+            span = int(torch.randint(4, 10, (1,), generator=gen))
+            start = int(torch.randint(0, 16, (1,), generator=gen))
+            for i in range(min(span, L - t)):
+                step = {0: i, 1: -2 * i, 2: i // 2}[m]
+                ids[b, t] = 16 * m + (start + step) % 16
+                mod[b, t] = m
+                t += 1
+    return ids, mod
