@@ -50,7 +50,7 @@ class ModalityRouting:
         return scatter_rows(y, self.order, self.num_tokens)
 
 
-def _autocast(x: torch.Tensor, w: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+def autocast_operands(x: torch.Tensor, w: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
     """The operands in autocast's dtype when autocast is on (as F.linear would get them)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -93,7 +93,7 @@ class ModalityLinear(nn.Module):
 
     def forward_sorted(self, xs: torch.Tensor, routing: ModalityRouting) -> torch.Tensor:
         """xs: (T, K) already sorted by modality -> (T, N), still sorted."""
-        xs, w = _autocast(xs, self.weight)
+        xs, w = autocast_operands(xs, self.weight)
         ys = grouped_gemm(xs, w, routing.sizes, trans_w=True)
         if self.bias is not None:
             ys = ys + self.bias.to(ys.dtype).index_select(0, routing.sorted_modality)

@@ -2,6 +2,7 @@
 from momoe.models.configuration_utils import ModelConfig
 from momoe.models.mamba import MambaCache, MambaConfig, MambaLM
 from momoe.models.modeling_utils import ModelOutput, PreTrainedModel
+from momoe.models.transformer import TransformerCache, TransformerConfig, TransformerLM
 from momoe.models.registry import (
     MODEL_TYPES,
     build_model,
@@ -21,6 +22,9 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "PreTrainedModel",
+    "TransformerCache",
+    "TransformerConfig",
+    "TransformerLM",
     "build_model",
     "config_from_dict",
     "count_parameters",

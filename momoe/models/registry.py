@@ -9,11 +9,13 @@ from torch import nn
 from momoe.checkpoint import CONFIG_NAME, CheckpointError, load_json
 from momoe.models.configuration_utils import ModelConfig
 from momoe.models.mamba import MambaConfig, MambaLM
+from momoe.models.transformer import TransformerConfig, TransformerLM
 from momoe.models.modeling_utils import PreTrainedModel
 
 # model_type -> (config class, model class)
 MODEL_TYPES: Dict[str, Tuple[Type[ModelConfig], Type[PreTrainedModel]]] = {
     MambaConfig.model_type: (MambaConfig, MambaLM),
+    TransformerConfig.model_type: (TransformerConfig, TransformerLM),
 }
 
 

@@ -38,3 +38,20 @@ def modality_task(B, L, gen):
                 mod[b, t] = m
                 t += 1
     return ids, mod
+
+
+def train_on_modality_task(model: PreTrainedModel, steps: int, L: int, lr: float = 3e-3):
+    """AdamW on modality_task for `steps` steps; returns (loss before, output on a fresh batch after)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ids, mod = modality_task(8, L, gen)
+    first = model(ids, mod, labels=ids).loss.item()
+    for _ in range(steps):
+        ids, mod = modality_task(8, L, gen)
+        loss = model(ids, mod, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ids, mod = modality_task(16, L, gen)
+    return first, model(ids, mod, labels=ids)

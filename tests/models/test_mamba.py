@@ -12,7 +12,7 @@ import momoe
 from momoe.checkpoint import CheckpointError, load_weights, save_weights
 from momoe.models import MambaConfig, MambaLM
 from momoe.ops.selective_scan import naive
-from tests.models.helpers import batch, modality_task, randomize
+from tests.models.helpers import batch, randomize, train_on_modality_task
 from tests.utils import assert_close
 
 ALL = ["in_proj", "x_proj", "dt_proj", "out_proj"]
@@ -274,18 +274,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- training
 def test_training_lowers_loss():
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    model = MambaLM(tiny(ALL, vocab_size=48))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ids, mod = modality_task(8, 48, gen)
-    first = model(ids, mod, labels=ids).loss.item()
-    for _ in range(200):
-        ids, mod = modality_task(8, 48, gen)
-        loss = model(ids, mod, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    ids, mod = modality_task(16, 48, gen)
-    out = model(ids, mod, labels=ids)
+    first, out = train_on_modality_task(MambaLM(tiny(ALL, vocab_size=48)), steps=200, L=48)
     assert out.loss.item() < 0.5 * first, (first, out.loss.item())
     assert math.isfinite(out.loss.item()) and set(out.loss_per_modality) == {"text", "image", "speech"}
