@@ -60,12 +60,10 @@ def causal_lm_loss(
 def modality_routing(modality_ids: torch.Tensor, num_modalities: int, split: bool) -> Optional[ModalityRouting]:
     """The tokens sorted by modality when some parameters are per modality (`split`), else None;
     modality ids are range-checked either way."""
-    if split:
-        return ModalityRouting.from_ids(modality_ids, num_modalities)
     if modality_ids.numel() and bool(((modality_ids < 0) | (modality_ids >= num_modalities)).any()):
         raise ValueError(f"momoe: modality_ids must be in [0, {num_modalities}), got values in "
                          f"[{int(modality_ids.min())}, {int(modality_ids.max())}]")
-    return None
+    return ModalityRouting.from_ids(modality_ids, num_modalities) if split else None
 
 
 def check_inputs(input_ids: torch.Tensor, modality_ids: Optional[torch.Tensor],
