@@ -2,6 +2,7 @@
 import torch
 
 from momoe.models.modeling_utils import PreTrainedModel
+from tests.utils import assert_close
 
 
 def batch(cfg, B=2, L=19, seed=0):
@@ -55,3 +56,17 @@ def train_on_modality_task(model: PreTrainedModel, steps: int, L: int, lr: float
         opt.step()
     ids, mod = modality_task(16, L, gen)
     return first, model(ids, mod, labels=ids)
+
+
+def assert_same_as_dense(dense: PreTrainedModel, sparse: PreTrainedModel, ids, mod, tol) -> None:
+    """`sparse` (per-modality copies of `dense`'s parameters) gives dense's logits, and each dense
+    gradient is the sum of the per-modality gradients."""
+    out_d, out_s = dense(ids, mod, labels=ids), sparse(ids, mod, labels=ids)
+    assert_close("logits", out_d.logits, out_s.logits, **tol)
+    out_d.loss.backward()
+    out_s.loss.backward()
+    sparse_params = dict(sparse.named_parameters())
+    for name, p in dense.named_parameters():
+        g = sparse_params[name].grad
+        g = g.sum(0, keepdim=True) if g.shape != p.grad.shape else g
+        assert_close(f"grad {name}", p.grad, g, atol=1e-5, rtol=1e-4)

@@ -12,7 +12,7 @@ import momoe
 from momoe.checkpoint import CheckpointError, load_weights, save_weights
 from momoe.models import MambaConfig, MambaLM
 from momoe.ops.selective_scan import naive
-from tests.models.helpers import batch, randomize, train_on_modality_task
+from tests.models.helpers import assert_same_as_dense, batch, randomize, train_on_modality_task
 from tests.utils import assert_close
 
 ALL = ["in_proj", "x_proj", "dt_proj", "out_proj"]
@@ -78,16 +78,7 @@ def test_identical_experts_equal_dense(split_ssm):
     dense = randomize(MambaLM(tiny()))
     mom = momoe.upcycle(dense, tiny(ALL, split_ssm))
     ids, mod = batch(dense.config)
-    out_d = dense(ids, mod, labels=ids)
-    out_m = mom(ids, mod, labels=ids)
-    assert_close("logits", out_d.logits, out_m.logits, **TOL)
-    out_d.loss.backward()
-    out_m.loss.backward()
-    mom_params = dict(mom.named_parameters())
-    for name, p in dense.named_parameters():
-        g = mom_params[name].grad
-        g = g.sum(0, keepdim=True) if g.shape != p.grad.shape else g
-        assert_close(f"grad {name}", p.grad, g, atol=1e-5, rtol=1e-4)
+    assert_same_as_dense(dense, mom, ids, mod, TOL)
 
 
 def test_modalities_use_their_own_parameters():

@@ -6,7 +6,7 @@ import torch
 
 import momoe
 from momoe.models import TransformerConfig, TransformerLM
-from tests.models.helpers import batch, randomize, train_on_modality_task
+from tests.models.helpers import assert_same_as_dense, batch, randomize, train_on_modality_task
 from tests.utils import assert_close
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -24,15 +24,7 @@ def test_identical_modality_weights_equal_dense():
     dense = randomize(TransformerLM(tiny()))
     mot = momoe.upcycle(dense, tiny(split=True))
     ids, mod = batch(dense.config)
-    out_d, out_m = dense(ids, mod, labels=ids), mot(ids, mod, labels=ids)
-    assert_close("logits", out_d.logits, out_m.logits, **TOL)
-    out_d.loss.backward()
-    out_m.loss.backward()
-    mot_params = dict(mot.named_parameters())
-    for name, p in dense.named_parameters():
-        g = mot_params[name].grad
-        g = g.sum(0, keepdim=True) if g.shape != p.grad.shape else g
-        assert_close(f"grad {name}", p.grad, g, atol=1e-5, rtol=1e-4)
+    assert_same_as_dense(dense, mot, ids, mod, TOL)
     counts = momoe.count_parameters(mot)
     assert counts["active_per_token"]["text"] == momoe.count_parameters(dense)["total"] < counts["total"]
 
