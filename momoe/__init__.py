@@ -1,7 +1,7 @@
 """momoe: a modality-aware sparse model zoo for PyTorch."""
 from momoe import ops
 from momoe.ops.backend import extension_available, get_backend, require_extension, use_backend
-from momoe.models import build_model, count_parameters, from_pretrained, list_cards, load_card, upcycle
+from momoe.models import build_model, count_parameters, flops_per_token, from_pretrained, list_cards, load_card, upcycle
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "use_backend",
     "build_model",
     "count_parameters",
+    "flops_per_token",
     "from_pretrained",
     "list_cards",
     "load_card",

@@ -19,7 +19,7 @@ R routed (token, expert) rows, H hidden size of an auxiliary router, N routing u
 """
 import dataclasses
 import math
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,33 @@ class RouterStats:
         histogram = torch.bincount(experts_per_token, minlength=num_experts + 1)
         return cls(tokens_per_expert=torch.bincount(expert_index, minlength=num_experts),
                    fraction_routed_to=histogram.float() / max(num_tokens, 1))
+
+
+@dataclasses.dataclass
+class RoutingContext:
+    """What a forward asks of its learned routers, and what they report back.
+
+    causal: route every token on its own (auxiliary routers / predictors), as decoding must; False is
+    the training-time routing that looks at the whole batch (expert choice, MoD top-k).
+    train_aux_routers: compute the auxiliary routers' BCE against the training-time decisions
+    (the second training stage of MoMa §2.4 / MoD §3.5); the losses land in `aux_losses`.
+    Routers append their auxiliary losses (already weighted) to `aux_losses` and their RouterStats to
+    `stats` under the layer's name.
+    """
+
+    causal: bool = False
+    train_aux_routers: bool = False
+    aux_losses: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    stats: Dict[str, "RouterStats"] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.causal and self.train_aux_routers:
+            raise ValueError("momoe: the auxiliary routers learn the training-time (non-causal) decisions; "
+                             "train_aux_routers needs causal=False")
+
+    def total_aux_loss(self, like: torch.Tensor) -> torch.Tensor:
+        """The sum of the auxiliary losses (0, as a tensor like `like`, without any)."""
+        return torch.stack(self.aux_losses).sum() if self.aux_losses else like.new_zeros((), dtype=torch.float32)
 
 
 @dataclasses.dataclass

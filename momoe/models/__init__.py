@@ -2,12 +2,14 @@
 from momoe.models.configuration_utils import ModelConfig
 from momoe.models.mamba import MambaCache, MambaConfig, MambaLM
 from momoe.models.modeling_utils import ModelOutput, PreTrainedModel
+from momoe.models.moma import MoMaConfig, MoMaLM
 from momoe.models.transformer import TransformerCache, TransformerConfig, TransformerLM
 from momoe.models.registry import (
     MODEL_TYPES,
     build_model,
     config_from_dict,
     count_parameters,
+    flops_per_token,
     from_pretrained,
     list_cards,
     load_card,
@@ -21,6 +23,8 @@ __all__ = [
     "MambaLM",
     "ModelConfig",
     "ModelOutput",
+    "MoMaConfig",
+    "MoMaLM",
     "PreTrainedModel",
     "TransformerCache",
     "TransformerConfig",
@@ -28,6 +32,7 @@ __all__ = [
     "build_model",
     "config_from_dict",
     "count_parameters",
+    "flops_per_token",
     "from_pretrained",
     "list_cards",
     "load_card",

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from momoe.checkpoint import CONFIG_NAME, CheckpointError, load_json
+from momoe.models.accounting import count_parameters, flops_per_token  # noqa: F401  (re-exported)
 from momoe.models.configuration_utils import ModelConfig
 from momoe.models.mamba import MambaConfig, MambaLM
+from momoe.models.moma import MoMaConfig, MoMaLM
 from momoe.models.transformer import TransformerConfig, TransformerLM
 from momoe.models.modeling_utils import PreTrainedModel
 
@@ -16,6 +18,7 @@ from momoe.models.modeling_utils import PreTrainedModel
 MODEL_TYPES: Dict[str, Tuple[Type[ModelConfig], Type[PreTrainedModel]]] = {
     MambaConfig.model_type: (MambaConfig, MambaLM),
     TransformerConfig.model_type: (TransformerConfig, TransformerLM),
+    MoMaConfig.model_type: (MoMaConfig, MoMaLM),
 }
 
 
@@ -90,37 +93,15 @@ def from_pretrained(path: str) -> PreTrainedModel:
     return MODEL_TYPES[model_type][1].from_pretrained(path)
 
 
-def _modality_rows(module: nn.Module, param: torch.Tensor) -> int:
-    """M when the parameter holds one slice per modality (a token uses one of them), else 1."""
-    M = getattr(module, "num_modalities", 1)
-    return M if M > 1 and param.dim() >= 1 and param.shape[0] == M else 1
-
-
-def count_parameters(model: nn.Module) -> Dict[str, Any]:
-    """{"total": all parameters, "active_per_token": {modality: parameters one token of it uses}}.
-
-    A per-modality parameter (leading dimension = the module's num_modalities) counts one slice per
-    token; tied parameters count once; the embedding counts fully (a lookup, but the tied LM head uses
-    all of it).
-    """
-    seen, total, routed = set(), 0, 0
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            total += param.numel()
-            rows = _modality_rows(module, param)
-            if rows > 1:
-                routed += param.numel() - param.numel() // rows
-    names = getattr(getattr(model, "config", None), "modalities", ["all"])
-    return {"total": total, "active_per_token": {name: total - routed for name in names}}
-
-
 def upcycle(dense: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
     """Sparse upcycling: a model of `config` whose per-modality parameters all start as copies of the
-    dense model's (every other parameter copied as is), so it computes exactly what `dense` does."""
+    dense model's (every other parameter copied as is), so it computes exactly what `dense` does.
+    Families with learned routing define their own `upcycle_from` (e.g. MoMa: experts from the FFN,
+    fresh routers)."""
     sparse = build_model(config)
+    if hasattr(sparse, "upcycle_from"):
+        sparse.upcycle_from(dense)
+        return sparse
     source = dense.state_dict()
     target = sparse.state_dict()
     missing = sorted(set(target) - set(source))

@@ -2,6 +2,7 @@
 import dataclasses
 from typing import List, Optional
 
+from momoe.layers.depth import GATES as DEPTH_GATES
 from momoe.models.configuration_utils import ModelConfig
 
 
@@ -12,6 +13,11 @@ class TransformerConfig(ModelConfig):
     `modality_split` gives each modality its own attention projections, FFN and norms while attention
     stays global over the whole sequence (Mixture-of-Transformers, Liang et al. 2024); False is the
     dense Chameleon-style baseline. `d_ff` None: SwiGLU's 8/3 d_model rounded up to `multiple_of`.
+
+    Mixture-of-depths (Raposo et al. 2024): the layers in `mod_layers` are depth-routed; each processes
+    `mod_capacity` of every sequence's routable tokens (the tokens of `mod_modalities`, None: all; other
+    modalities always go through), their updates weighted by `mod_gate` ("sigmoid" or "linear", see
+    `momoe.layers.depth.DepthRouter`).
     """
 
     model_type = "transformer"
@@ -29,6 +35,10 @@ class TransformerConfig(ModelConfig):
     tie_embeddings: bool = False
     modalities: List[str] = dataclasses.field(default_factory=lambda: ["text", "image", "speech"])
     modality_split: bool = False
+    mod_layers: List[int] = dataclasses.field(default_factory=list)
+    mod_capacity: float = 0.125
+    mod_gate: str = "sigmoid"
+    mod_modalities: Optional[List[str]] = None
     initializer_range: float = 0.02
 
     def validate(self) -> None:
@@ -45,6 +55,21 @@ class TransformerConfig(ModelConfig):
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"momoe: TransformerConfig.modalities must be distinct names, got {self.modalities}")
         self.modalities = list(self.modalities)
+        self.validate_depth_routing()
+
+    def validate_depth_routing(self) -> None:
+        self.mod_layers = sorted(set(self.mod_layers))
+        if any(not 0 <= i < self.n_layer for i in self.mod_layers):
+            raise ValueError(f"momoe: mod_layers must be layer indices in [0, {self.n_layer}), got {self.mod_layers}")
+        if not 0.0 < self.mod_capacity <= 1.0:
+            raise ValueError(f"momoe: mod_capacity must be in (0, 1], got {self.mod_capacity}")
+        if self.mod_gate not in DEPTH_GATES:
+            raise ValueError(f"momoe: unknown mod_gate {self.mod_gate!r}; choose one of {DEPTH_GATES}")
+        if self.mod_modalities is not None:
+            unknown = sorted(set(self.mod_modalities) - set(self.modalities))
+            if unknown or not self.mod_modalities:
+                raise ValueError(f"momoe: mod_modalities must be a non-empty subset of {self.modalities}, "
+                                 f"got {self.mod_modalities}")
 
     @property
     def kv_heads(self) -> int:
