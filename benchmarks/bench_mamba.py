@@ -13,7 +13,8 @@ from typing import Dict, List
 import torch
 
 import momoe
-from benchmarks.common import environment, keep_freed_memory, measure_interleaved, print_table, write_json
+from benchmarks.common import (environment, interleaved_batch, keep_freed_memory, measure_interleaved, print_table,
+                               train_step_fn, write_json)
 from momoe.models import MambaConfig
 
 SPLIT = ["in_proj", "x_proj", "dt_proj", "out_proj"]
@@ -27,33 +28,6 @@ def models(args) -> Dict[str, torch.nn.Module]:
         "dense Mamba": momoe.build_model(MambaConfig(**base)),
         "Mixture-of-Mamba": momoe.build_model(MambaConfig(split=SPLIT, **base)),
     }
-
-
-def interleaved_batch(args, gen: torch.Generator):
-    """Tokens with modality spans of 32-256 tokens (text, image, speech), as in interleaved data."""
-    B, L = args.batch, args.seqlen
-    mod = torch.empty(B, L, dtype=torch.long)
-    for b in range(B):
-        t = 0
-        while t < L:
-            span = int(torch.randint(32, 257, (1,), generator=gen))
-            mod[b, t : t + span] = int(torch.randint(0, 3, (1,), generator=gen))
-            t += span
-    ids = torch.randint(0, args.vocab, (B, L), generator=gen)
-    return ids, mod
-
-
-def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, mod: torch.Tensor):
-    """One optimizer step: forward, backward, AdamW (fused, as a user would run it)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step():
-        loss = model(ids, mod, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def decode_fn(model: torch.nn.Module, ids: torch.Tensor, mod: torch.Tensor, tokens: int):
@@ -71,7 +45,7 @@ def decode_fn(model: torch.nn.Module, ids: torch.Tensor, mod: torch.Tensor, toke
 
 def bench(args) -> List[Dict[str, object]]:
     gen = torch.Generator().manual_seed(0)
-    ids, mod = interleaved_batch(args, gen)
+    ids, mod = interleaved_batch(args.batch, args.seqlen, args.vocab, gen)
     built = models(args)
     train = measure_interleaved({name: train_step_fn(m, ids, mod) for name, m in built.items()},
                                 warmup=2, repeat=args.repeat)

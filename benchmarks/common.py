@@ -8,7 +8,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -104,3 +104,31 @@ def write_json(path: str, results: Dict[str, object]) -> None:
         json.dump(results, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def interleaved_batch(B: int, L: int, vocab: int, gen: torch.Generator,
+                      num_modalities: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) token ids and modality ids with spans of 32-256 tokens of each modality (text, image,
+    speech), as in interleaved data."""
+    mod = torch.empty(B, L, dtype=torch.long)
+    for b in range(B):
+        t = 0
+        while t < L:
+            span = int(torch.randint(32, 257, (1,), generator=gen))
+            mod[b, t : t + span] = int(torch.randint(0, num_modalities, (1,), generator=gen))
+            t += span
+    ids = torch.randint(0, vocab, (B, L), generator=gen)
+    return ids, mod
+
+
+def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, mod: torch.Tensor):
+    """One optimizer step: forward, backward, AdamW (fused, as a user would run it)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        loss = model(ids, mod, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step

@@ -113,6 +113,16 @@ class Attention(nn.Module):
         The new tokens are the last L of the T: each attends to every cached token and causally
         among the new ones, so a whole sequence, a chunked prefill and a one-token step agree."""
         B, L, _ = x.shape
+        q, k, v = self.project_qkv(x, routing, positions)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, K, T, E)
+        y = self.attend(q, k, v, attention_mask(L, k.shape[2], attn_mask, x.device))
+        return self.wo(y.transpose(1, 2).reshape(B, L, self.d_model), routing)
+
+    def project_qkv(self, x: torch.Tensor, routing: Optional[ModalityRouting],
+                    positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, L, D) -> rotated q (B, H, L, E), rotated k and v (B, K, L, E)."""
+        B, L, _ = x.shape
         q = self.wq(x, routing).view(B, L, self.n_heads, self.head_dim)
         k = self.wk(x, routing).view(B, L, self.n_kv_heads, self.head_dim)
         v = self.wv(x, routing).view(B, L, self.n_kv_heads, self.head_dim)
@@ -120,10 +130,19 @@ class Attention(nn.Module):
             q, k = self.norm_qk(q, k, routing)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, L, E)
         q, k = apply_rotary(q, k, positions, self.rope_theta)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, K, T, E)
-        y = self.attend(q, k, v, attention_mask(L, k.shape[2], attn_mask, x.device))
-        return self.wo(y.transpose(1, 2).reshape(B, L, self.d_model), routing)
+        return q, k, v
+
+    @torch.no_grad()
+    def attention_probs(self, x: torch.Tensor, routing: Optional[ModalityRouting],
+                        positions: torch.Tensor) -> torch.Tensor:
+        """The causal attention maps softmax(q k^T / sqrt(E)) of x: (B, L, D) -> (B, H, L, L), fp32
+        (for analysis, e.g. γ-MoD's ARank; the forward never materialises them)."""
+        q, k, _ = self.project_qkv(x, routing, positions)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = q.float() @ k.float().transpose(-1, -2) / self.head_dim ** 0.5  # (B, H, L, L)
+        L = x.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor, routing: Optional[ModalityRouting]) -> Tuple[torch.Tensor, torch.Tensor]:
         """q: (B, L, H, E), k: (B, L, K, E) -> both RMS-normalised over E, with each token's modality's weights."""

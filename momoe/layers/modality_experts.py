@@ -85,7 +85,7 @@ class ModalityExperts(nn.Module):
             router = self.routers[name_m]
             x_m = gather_rows(x_TD, tokens)
             decision = router(x_m, causal=ctx.causal)
-            if ctx.train_aux_routers:
+            if ctx.train_aux_routers and t_m > 0:  # no tokens: no targets (a mean over none is NaN)
                 ctx.aux_losses.append(router.aux_router_loss(x_m, decision))
             ctx.stats[f"{name}.{name_m}"] = decision.stats
             token_index.append(tokens[decision.token_index])

@@ -144,25 +144,27 @@ def _linear_init(weight: torch.Tensor, fan_in: int) -> None:
 
 
 class AuxRouter(nn.Module):
-    """One small binary classifier per expert: logit[t, e] = w_out[e] · silu(W_in[e] x_t + b_in[e]) + b_out[e].
-
-    W_in of all experts is one nn.Linear D -> E*H; w_out: (E, H); b_out: (E,). Evaluated densely for
-    every (token, expert) pair, like a router, and per token only (causal).
-    """
+    """MoMa's auxiliary router (§2.4): ``logits = SiLU(x W_1) W_2`` with W_1: D -> H (MoMa: H = D / 2)
+    and W_2: H -> E, no biases; ``sigmoid(logits[t, e]) > 0.5`` predicts that expert (or MoD layer) e
+    would select token t. Evaluated per token only (causal)."""
 
     def __init__(self, d_model: int, num_experts: int, hidden: int) -> None:
         super().__init__()
+        if hidden < 1:
+            raise ValueError(f"momoe: aux_hidden must be >= 1, got {hidden}")
         self.num_experts, self.hidden = num_experts, hidden
-        self.w_in = nn.Linear(d_model, num_experts * hidden)
-        self.w_out = nn.Parameter(torch.empty(num_experts, hidden))
-        self.b_out = nn.Parameter(torch.zeros(num_experts))
-        _linear_init(self.w_out, hidden)
+        self.w_in = nn.Linear(d_model, hidden, bias=False)
+        self.w_out = nn.Linear(hidden, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, D) -> logits (T, E) in fp32."""
         with torch.autocast(x.device.type, enabled=False):
-            h = F.silu(self.w_in(x.float())).unflatten(-1, (self.num_experts, self.hidden))  # (T, E, H)
-            return (h * self.w_out).sum(-1) + self.b_out
+            return self.w_out(F.silu(self.w_in(x.float())))
+
+
+def default_aux_hidden(d_model: int) -> int:
+    """MoMa's auxiliary router width: d_model / 2."""
+    return max(1, d_model // 2)
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -184,8 +186,8 @@ class ExpertChoiceRouter(nn.Module):
     give the gates. In eval mode routing is deterministic.
 
     Causal inference (MoMa §2.4): expert choice needs every token of the batch, so decoding uses one
-    auxiliary router per expert (`aux_router`, a 2-layer SiLU MLP with `aux_hidden` units, default
-    ``max(1, d_model // 4)``; the size is our choice) that predicts whether the token would be among the
+    auxiliary router (`aux_router`, `AuxRouter`: a SiLU MLP with `aux_hidden` units, MoMa's d_model / 2
+    by default, and one output per expert) that predicts whether the token would be among the
     expert's top C. It is trained in a second stage, with the main model frozen, by binary cross-entropy
     against the expert-choice decisions (`aux_router_loss`); `forward(x, causal=True)` then routes every
     token on its own to the experts e with ``sigmoid(aux_router(x)[t, e]) > 0.5``, gated by the main
@@ -212,9 +214,7 @@ class ExpertChoiceRouter(nn.Module):
                 f"momoe: capacity_factor must be in (0, num_experts = {num_experts}] (each expert takes "
                 f"capacity_factor * T / E of the T tokens, at most all of them), got {capacity_factor}"
             )
-        aux_hidden = max(1, d_model // 4) if aux_hidden is None else aux_hidden
-        if aux_hidden < 1:
-            raise ValueError(f"momoe: aux_hidden must be >= 1, got {aux_hidden}")
+        aux_hidden = default_aux_hidden(d_model) if aux_hidden is None else aux_hidden
         self.d_model, self.num_experts = d_model, num_experts
         self.capacity_factor, self.gumbel_noise = capacity_factor, gumbel_noise
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))

@@ -83,7 +83,7 @@ def _transformer_forward_flops(c: TransformerConfig, seq_len: int, modality: int
     total = 2 * D * V  # LM head
     for layer in range(c.n_layer):
         if layer in c.mod_layers and routable:
-            keep = c.mod_capacity  # processed fraction of this modality's tokens; attention among them only
+            keep = c.capacity_of(layer)  # processed fraction of this modality's tokens; attention among them only
             total += 2 * D + keep * (projections + ffn + router) + keep * keep * scores_values
         else:
             total += projections + ffn + router + scores_values

@@ -11,6 +11,7 @@ from momoe.models.accounting import count_parameters, flops_per_token  # noqa: F
 from momoe.models.configuration_utils import ModelConfig
 from momoe.models.mamba import MambaConfig, MambaLM
 from momoe.models.moma import MoMaConfig, MoMaLM
+from momoe.models.mor import MoRConfig, MoRLM
 from momoe.models.transformer import TransformerConfig, TransformerLM
 from momoe.models.modeling_utils import PreTrainedModel
 
@@ -19,6 +20,7 @@ MODEL_TYPES: Dict[str, Tuple[Type[ModelConfig], Type[PreTrainedModel]]] = {
     MambaConfig.model_type: (MambaConfig, MambaLM),
     TransformerConfig.model_type: (TransformerConfig, TransformerLM),
     MoMaConfig.model_type: (MoMaConfig, MoMaLM),
+    MoRConfig.model_type: (MoRConfig, MoRLM),
 }
 
 
@@ -95,20 +97,23 @@ def from_pretrained(path: str) -> PreTrainedModel:
 
 def upcycle(dense: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
     """Sparse upcycling: a model of `config` whose per-modality parameters all start as copies of the
-    dense model's (every other parameter copied as is), so it computes exactly what `dense` does.
-    Families with learned routing define their own `upcycle_from` (e.g. MoMa: experts from the FFN,
-    fresh routers)."""
+    dense model's (every other parameter copied as is), so a modality split computes exactly what
+    `dense` does; depth routers (MoD layers) start fresh. Families with learned expert routing define
+    their own `upcycle_from` (e.g. MoMa: experts from the FFN, fresh routers)."""
     sparse = build_model(config)
     if hasattr(sparse, "upcycle_from"):
         sparse.upcycle_from(dense)
         return sparse
     source = dense.state_dict()
     target = sparse.state_dict()
-    missing = sorted(set(target) - set(source))
+    # A depth router (MoD layers made from dense ones, as γ-MoD converts a trained model) starts fresh.
+    missing = sorted(name for name in set(target) - set(source) if ".depth.router." not in name)
     if missing:
         raise ValueError(f"momoe: cannot upcycle: the dense model has no {missing[:5]}")
     with torch.no_grad():
         for name, t in target.items():
+            if name not in source:
+                continue
             s = source[name]
             if s.shape == t.shape:
                 t.copy_(s)

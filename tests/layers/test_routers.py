@@ -114,7 +114,7 @@ def test_aux_router_bce_decreases_with_main_router_frozen():
     weight_before = router.weight.detach().clone()
     opt = torch.optim.Adam(router.aux_router.parameters(), lr=1e-2)
     losses = []
-    for _ in range(30):
+    for _ in range(80):
         loss = router.aux_router_loss(x, routing)
         opt.zero_grad()
         loss.backward()
@@ -133,8 +133,6 @@ def test_aux_router_bce_decreases_with_main_router_frozen():
 def test_causal_routing_is_per_token():
     torch.manual_seed(0)
     router = ExpertChoiceRouter(16, 4)
-    with torch.no_grad():
-        router.aux_router.b_out.copy_(torch.tensor([0.0, 0.1, -0.1, 0.05]))
     x = torch.randn(24, 16)
     routing = router(x, causal=True)
     accepted = router.aux_router(x) > 0

@@ -14,7 +14,7 @@ class MoMaConfig(TransformerConfig):
     modalities ``["text", "image"]`` is the paper's 4t4i; ``[1, 1]`` its 1t1i, modality-specific FFNs).
     Every expert has the dense FFN's size (`d_ff`). capacity_factor: each expert of a group of E_m
     experts takes ``ceil(capacity_factor * T_m / E_m)`` of the group's T_m tokens in the batch.
-    aux_router_hidden: hidden units of the auxiliary routers for causal inference (None: d_model // 4).
+    aux_router_hidden: hidden units of the auxiliary routers for causal inference (None: d_model / 2, as in MoMa).
     router_gumbel_noise: Gumbel-sigmoid noise on the router logits in training.
     The MoD fields of `TransformerConfig` (`mod_layers`, ...) add mixture-of-depths on top (MoMa + MoD).
     """

@@ -1,8 +1,8 @@
 """Configuration of early-fusion transformers: dense (Chameleon-style) or Mixture-of-Transformers."""
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Union
 
-from momoe.layers.depth import GATES as DEPTH_GATES
+from momoe.layers.depth import GATES as DEPTH_GATES, SELECTIONS as DEPTH_SELECTIONS, WEIGHTINGS as DEPTH_WEIGHTINGS
 from momoe.models.configuration_utils import ModelConfig
 
 
@@ -14,10 +14,12 @@ class TransformerConfig(ModelConfig):
     stays global over the whole sequence (Mixture-of-Transformers, Liang et al. 2024); False is the
     dense Chameleon-style baseline. `d_ff` None: SwiGLU's 8/3 d_model rounded up to `multiple_of`.
 
-    Mixture-of-depths (Raposo et al. 2024): the layers in `mod_layers` are depth-routed; each processes
-    `mod_capacity` of every sequence's routable tokens (the tokens of `mod_modalities`, None: all; other
-    modalities always go through), their updates weighted by `mod_gate` ("sigmoid" or "linear", see
-    `momoe.layers.depth.DepthRouter`).
+    Mixture-of-depths (Raposo et al. 2024; see `momoe.layers.depth`): the layers in `mod_layers` are
+    depth-routed. Each processes `mod_capacity` (one number, or one per MoD layer) of the routable
+    tokens (those of `mod_modalities`, None: all; other modalities always go through) of each
+    `mod_selection` group ("sequence", "batch", "span"), weighted by `mod_gate` ("sigmoid", "linear",
+    "tanh_norm") applied as `mod_weighting` says ("block", "ffn", "symmetric"); `mod_shared_router`
+    gives every MoD layer the same router (γ-MoD).
     """
 
     model_type = "transformer"
@@ -36,9 +38,12 @@ class TransformerConfig(ModelConfig):
     modalities: List[str] = dataclasses.field(default_factory=lambda: ["text", "image", "speech"])
     modality_split: bool = False
     mod_layers: List[int] = dataclasses.field(default_factory=list)
-    mod_capacity: float = 0.125
+    mod_capacity: Union[float, List[float]] = 0.125
+    mod_selection: str = "sequence"
     mod_gate: str = "sigmoid"
+    mod_weighting: str = "block"
     mod_modalities: Optional[List[str]] = None
+    mod_shared_router: bool = False
     initializer_range: float = 0.02
 
     def validate(self) -> None:
@@ -58,18 +63,32 @@ class TransformerConfig(ModelConfig):
         self.validate_depth_routing()
 
     def validate_depth_routing(self) -> None:
-        self.mod_layers = sorted(set(self.mod_layers))
-        if any(not 0 <= i < self.n_layer for i in self.mod_layers):
-            raise ValueError(f"momoe: mod_layers must be layer indices in [0, {self.n_layer}), got {self.mod_layers}")
-        if not 0.0 < self.mod_capacity <= 1.0:
+        self.mod_layers = list(self.mod_layers)
+        if self.mod_layers != sorted(set(self.mod_layers)) or any(not 0 <= i < self.n_layer for i in self.mod_layers):
+            raise ValueError(f"momoe: mod_layers must be increasing layer indices in [0, {self.n_layer}), "
+                             f"got {self.mod_layers}")
+        capacities = self.mod_capacity if isinstance(self.mod_capacity, list) else [self.mod_capacity]
+        if isinstance(self.mod_capacity, list) and len(self.mod_capacity) != len(self.mod_layers):
+            raise ValueError(f"momoe: mod_capacity lists {len(self.mod_capacity)} capacities for "
+                             f"{len(self.mod_layers)} mod_layers (give one number, or one per MoD layer)")
+        if any(not 0.0 < c <= 1.0 for c in capacities):
             raise ValueError(f"momoe: mod_capacity must be in (0, 1], got {self.mod_capacity}")
-        if self.mod_gate not in DEPTH_GATES:
-            raise ValueError(f"momoe: unknown mod_gate {self.mod_gate!r}; choose one of {DEPTH_GATES}")
+        for name, value, choices in (("mod_gate", self.mod_gate, DEPTH_GATES),
+                                     ("mod_selection", self.mod_selection, DEPTH_SELECTIONS),
+                                     ("mod_weighting", self.mod_weighting, DEPTH_WEIGHTINGS)):
+            if value not in choices:
+                raise ValueError(f"momoe: unknown {name} {value!r}; choose one of {choices}")
         if self.mod_modalities is not None:
             unknown = sorted(set(self.mod_modalities) - set(self.modalities))
             if unknown or not self.mod_modalities:
                 raise ValueError(f"momoe: mod_modalities must be a non-empty subset of {self.modalities}, "
                                  f"got {self.mod_modalities}")
+
+    def capacity_of(self, layer: int) -> float:
+        """The depth-routing capacity of MoD layer `layer` (one of mod_layers)."""
+        if isinstance(self.mod_capacity, list):
+            return self.mod_capacity[self.mod_layers.index(layer)]
+        return self.mod_capacity
 
     @property
     def kv_heads(self) -> int:

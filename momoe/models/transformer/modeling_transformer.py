@@ -64,11 +64,13 @@ class TransformerBlock(nn.Module):
 
     def process(self, x: torch.Tensor, modality_ids: torch.Tensor, routing: Optional[ModalityRouting],
                 positions: torch.Tensor, cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None,
-                ctx: Optional[RoutingContext] = None) -> torch.Tensor:
+                ctx: Optional[RoutingContext] = None, ffn_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The block on every token of x: (B, L, D); positions: (L,) or (B, L); attn_mask: (B, L, T)
-        boolean keys each query may see (with causality)."""
+        boolean keys each query may see (with causality); ffn_scale: (B, L) weights of the FFN output
+        (depth routing's "ffn" / "symmetric" weighting)."""
         x = x + self.attn(self.attn_norm(x, modality_ids), routing, positions, cache=cache, attn_mask=attn_mask)
-        return x + self.feed_forward(self.ffn_norm(x, modality_ids), routing, ctx)
+        y = self.feed_forward(self.ffn_norm(x, modality_ids), routing, ctx)
+        return x + (y if ffn_scale is None else (ffn_scale[..., None] * y).to(y.dtype))
 
     def feed_forward(self, h: torch.Tensor, routing: Optional[ModalityRouting],
                      ctx: Optional[RoutingContext]) -> torch.Tensor:
@@ -84,7 +86,8 @@ class TransformerLM(PreTrainedModel):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__(config)
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(self.build_layer(i) for i in range(config.n_layer))
+        shared = self.new_depth_router() if config.mod_shared_router and config.mod_layers else None
+        self.layers = nn.ModuleList(self.build_layer(i, shared) for i in range(config.n_layer))
         M = config.num_modalities if config.is_mixture else 1
         self.norm_f = ModalityRMSNorm(config.d_model, M, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -101,16 +104,22 @@ class TransformerLM(PreTrainedModel):
         M = self.config.num_modalities if self.config.is_mixture else 1
         return SwiGLU(self.config.d_model, self.config.ffn_dim, num_modalities=M)
 
-    def build_layer(self, index: int) -> TransformerBlock:
-        """Layer `index`, depth-routed (MixtureOfDepths) if it is in mod_layers."""
+    def build_layer(self, index: int, shared_router: Optional[DepthRouter] = None) -> TransformerBlock:
+        """Layer `index`, depth-routed (MixtureOfDepths) if it is in mod_layers, with `shared_router` if
+        given (mod_shared_router), else a router of its own."""
         config, depth = self.config, None
         if index in config.mod_layers:
             routable = None
             if config.mod_modalities is not None:
                 routable = [config.modalities.index(m) for m in config.mod_modalities]
-            router = DepthRouter(config.d_model, config.mod_capacity, gate=config.mod_gate)
-            depth = MixtureOfDepths(router, config.num_modalities, self.sorts_by_modality, routable)
+            router = self.new_depth_router() if shared_router is None else shared_router
+            depth = MixtureOfDepths(router, config.num_modalities, self.sorts_by_modality, routable,
+                                    capacity=config.capacity_of(index), weighting=config.mod_weighting)
         return self.block_class(config, self.build_ffn(index), name=f"layers.{index}", depth=depth)
+
+    def new_depth_router(self) -> DepthRouter:
+        c = self.config
+        return DepthRouter(c.d_model, c.capacity_of(c.mod_layers[0]), gate=c.mod_gate, selection=c.mod_selection)
 
     def reset_parameters(self) -> None:
         """Embedding and LM head N(0, initializer_range); output projections of the residual branches

@@ -1,0 +1,88 @@
+"""Transformer-family training steps on the CPU, side by side in one run: dense early fusion,
+Mixture-of-Transformers, MoMa (1t1i, 4t4i; expert choice in modality groups on grouped GEMMs), MoMa
+with mixture-of-depths, and a dense MoD transformer.
+
+All models share d_model, depth and heads; a MoMa expert has the dense FFN's size and capacity factor 1,
+so MoMa 4t4i does the dense model's FLOPs per token (plus its routers). Columns: training FLOPs per
+token (momoe.flops_per_token, text), step time and the achieved GFLOP/s. Target (issue 6): MoMa 4t4i
+step time <= 1.15x the dense model's.
+
+    python -m benchmarks.bench_models [--d-model 512 --n-layer 4 --batch 4 --seqlen 512] [--json PATH]
+"""
+import argparse
+from typing import Dict, List
+
+import torch
+
+import momoe
+from benchmarks.common import (environment, interleaved_batch, keep_freed_memory, measure_interleaved, print_table,
+                               train_step_fn, write_json)
+from momoe.models import MoMaConfig, TransformerConfig
+
+MODALITIES = ["text", "image", "speech"]
+
+
+def configs(args) -> Dict[str, TransformerConfig]:
+    base = dict(vocab_size=args.vocab, d_model=args.d_model, n_layer=args.n_layer, n_heads=args.d_model // 64,
+                modalities=MODALITIES)
+    every_other = list(range(1, args.n_layer, 2))
+    return {
+        "dense": TransformerConfig(**base),
+        "MoT": TransformerConfig(modality_split=True, **base),
+        "MoMa 1t1i1s": MoMaConfig(experts_per_modality=[1, 1, 1], **base),
+        "MoMa 4t4i4s": MoMaConfig(experts_per_modality=[4, 4, 4], **base),
+        "MoMa 4t4i4s + MoD": MoMaConfig(experts_per_modality=[4, 4, 4], mod_layers=every_other,
+                                        mod_capacity=args.mod_capacity, **base),
+        "dense + MoD": TransformerConfig(mod_layers=every_other, mod_capacity=args.mod_capacity, **base),
+    }
+
+
+def bench(args) -> List[Dict[str, object]]:
+    gen = torch.Generator().manual_seed(0)
+    ids, mod = interleaved_batch(args.batch, args.seqlen, args.vocab, gen, num_modalities=len(MODALITIES))
+    cfgs = configs(args)
+    torch.manual_seed(0)
+    built = {name: momoe.build_model(cfg) for name, cfg in cfgs.items()}
+    train = measure_interleaved({name: train_step_fn(m, ids, mod) for name, m in built.items()},
+                                warmup=2, repeat=args.repeat)
+    rows = []
+    for name, model in built.items():
+        counts = momoe.count_parameters(model)
+        flops = momoe.flops_per_token(cfgs[name], args.seqlen)["text"]
+        rows.append({
+            "model": name, "params": counts["total"], "active (text)": counts["active_per_token"]["text"],
+            "train MFLOP/token": flops / 1e6, "step ms": train[name] * 1e3,
+            "tokens/s": ids.numel() / train[name], "GFLOP/s": flops * ids.numel() / train[name] / 1e9,
+        })
+    ratio = train["MoMa 4t4i4s"] / train["dense"]
+    rows.append({"model": "MoMa 4t4i4s / dense step time", "step ms": ratio,
+                 "tokens/s": "target <= 1.15x: " + ("PASS" if ratio <= 1.15 else "MISS")})
+    cols = ["model", "params", "active (text)", "train MFLOP/token", "step ms", "tokens/s", "GFLOP/s"]
+    print_table(f"Transformer family training step (forward, backward, AdamW): d_model={args.d_model} "
+                f"n_layer={args.n_layer} batch={args.batch} seqlen={args.seqlen} vocab={args.vocab}; "
+                f"MoD every other layer at capacity {args.mod_capacity}", cols, rows)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--mod-capacity", type=float, default=0.125)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    keep_freed_memory()
+    env = environment()
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    results = {"environment": env, "models": bench(args)}
+    if args.json:
+        write_json(args.json, results)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
