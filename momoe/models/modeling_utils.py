@@ -138,15 +138,18 @@ class PreTrainedModel(nn.Module):
 
     # ------------------------------------------------------------------ shared by the families
     def forward_documents(
-        self, input_ids: torch.Tensor, modality_ids: torch.Tensor, labels: Optional[torch.Tensor], seq_idx: torch.Tensor
+        self, input_ids: torch.Tensor, modality_ids: torch.Tensor, labels: Optional[torch.Tensor], seq_idx: torch.Tensor,
+        **forward_kwargs: Any,
     ) -> ModelOutput:
         """Packed rows (B, L) with document ids seq_idx: every document runs as a row of its own, so no
-        state, attention or position crosses a document boundary; logits come back packed."""
+        state, attention or position crosses a document boundary; logits come back packed.
+        forward_kwargs go to the forward (e.g. causal_routing). Batch-level routing decisions (expert
+        choice, MoD top-k) see the documents' padding as tokens; causal routing does not depend on it."""
         from momoe.models.packing import Documents
 
         docs = Documents.from_seq_idx(seq_idx)
         out = self(docs.unpack(input_ids), docs.unpack(modality_ids),
-                   None if labels is None else docs.unpack(labels, pad=IGNORE_INDEX))
+                   None if labels is None else docs.unpack(labels, pad=IGNORE_INDEX), **forward_kwargs)
         out.logits = docs.repack(out.logits)
         return out
 

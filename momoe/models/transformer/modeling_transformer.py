@@ -163,7 +163,8 @@ class TransformerLM(PreTrainedModel):
         if seq_idx is not None:
             if cache is not None or return_cache:
                 raise ValueError("momoe: seq_idx (packed documents) cannot be combined with a decoding cache")
-            return self.forward_documents(input_ids, modality_ids, labels, seq_idx)
+            return self.forward_documents(input_ids, modality_ids, labels, seq_idx, causal_routing=causal_routing,
+                                          train_aux_routers=train_aux_routers)
         if cache is None and return_cache:
             cache = self.empty_cache()
         ctx = RoutingContext(causal=causal_routing or cache is not None, train_aux_routers=train_aux_routers)

@@ -1,0 +1,77 @@
+"""Mixture-of-depths in the transformer (MoD every other block): training runs and trains the routers,
+the router statistics count ceil(capacity * routable tokens) per row, routing restricted to image tokens
+processes every other token, KV-cache decoding equals the causal forward, packed documents."""
+import math
+
+import pytest
+import torch
+
+from momoe.models import TransformerLM
+from tests.models.helpers import batch, randomize
+from tests.models.test_transformer import TOL, tiny
+from tests.utils import assert_close
+
+MOD_LAYERS = [1, 3]  # every other block of 4
+
+
+def mod_model(capacity: float, split: bool = False, **kw) -> TransformerLM:
+    torch.manual_seed(0)
+    return randomize(TransformerLM(tiny(split, n_layer=4, mod_layers=MOD_LAYERS, mod_capacity=capacity, **kw)))
+
+
+@pytest.mark.parametrize("capacity", [0.125, 0.5])
+def test_forward_backward_and_processed_fraction(capacity):
+    model = mod_model(capacity)
+    ids, mod = batch(model.config, B=3, L=19)
+    out = model(ids, mod, labels=ids)
+    out.loss.backward()
+    assert bool(torch.isfinite(out.loss)) and out.aux_loss.item() == 0.0
+    processed = 3 * math.ceil(capacity * 19)  # ceil per row, 3 rows
+    assert sorted(out.router_stats) == [f"layers.{i}.depth" for i in MOD_LAYERS]
+    for i in MOD_LAYERS:
+        stats = out.router_stats[f"layers.{i}.depth"]
+        assert stats.tokens_per_expert.tolist() == [processed]
+        assert_close("fractions", torch.tensor([1 - processed / 57, processed / 57]), stats.fraction_routed_to,
+                     atol=1e-6, rtol=0)
+        router = model.layers[i].depth.router
+        assert router.weight.grad is not None and torch.count_nonzero(router.weight.grad) > 0
+        assert all(p.grad is None for p in router.predictor.parameters())
+    assert all(model.layers[i].depth is None for i in (0, 2))
+
+
+def test_image_only_routing_processes_every_other_token():
+    model = mod_model(0.25, split=True, mod_modalities=["image"])
+    ids, mod = batch(model.config, B=3, L=19)
+    images = (mod == 1).sum(1)
+    assert len(set(images.tolist())) > 1  # uneven rows: the gathered path pads
+    processed = int((mod != 1).sum()) + sum(math.ceil(0.25 * int(n)) for n in images)
+    out = model(ids, mod)
+    for i in MOD_LAYERS:
+        assert out.router_stats[f"layers.{i}.depth"].tokens_per_expert.tolist() == [processed]
+    # text and speech always go through: an all-text batch is processed exactly as without MoD
+    dense = TransformerLM(tiny(True, n_layer=4))
+    dense.load_state_dict(model.state_dict(), strict=False)
+    text = torch.zeros_like(mod)
+    assert_close("all text", dense(ids, text).logits, model(ids, text).logits, **TOL)
+
+
+@pytest.mark.parametrize("capacity,split,modalities", [(0.125, False, None), (0.5, True, ["image"])],
+                         ids=["cap0.125", "cap0.5-mot-image"])
+def test_kv_cache_decoding_equals_causal_forward(capacity, split, modalities):
+    model = mod_model(capacity, split, mod_modalities=modalities)
+    ids, mod = batch(model.config, L=15)
+    full = model(ids, mod, causal_routing=True).logits
+    prefill = model(ids[:, :6], mod[:, :6], return_cache=True)
+    second = model(ids[:, 6:10], mod[:, 6:10], cache=prefill.cache, return_cache=True)
+    steps = [model.step(ids[:, t], mod[:, t], second.cache) for t in range(10, 15)]
+    assert_close("cached", full, torch.cat([prefill.logits, second.logits, torch.stack(steps, 1)], 1), **TOL)
+    assert second.cache.layers[1].selected.shape == (2, 15)  # the depth cache tracks every token's key
+
+
+def test_packed_documents_with_causal_routing_equal_separate_documents():
+    model = mod_model(0.5, split=True)
+    ids, mod = batch(model.config, B=1, L=12)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7])
+    packed = model(ids, mod, seq_idx=seq_idx, causal_routing=True).logits
+    assert_close("doc 0", model(ids[:, :5], mod[:, :5], causal_routing=True).logits, packed[:, :5], **TOL)
+    assert_close("doc 1", model(ids[:, 5:], mod[:, 5:], causal_routing=True).logits, packed[:, 5:], **TOL)
