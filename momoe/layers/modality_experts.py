@@ -10,6 +10,10 @@ over the M <= 3 modalities, each a top-k over its own tokens), never a loop over
 A group with a single expert has nothing to route: its expert processes every token of the modality
 with weight 1 (MoMa's 1t1i is modality-specific FFNs, as in Mixture-of-Transformers).
 
+`routing="token_choice"` replaces expert choice inside each group by top-k token choice with the
+load-balancing and z losses (`TokenChoiceRouter`): causal by construction, no auxiliary routers needed,
+at the price of an auxiliary loss and uneven expert loads.
+
 Shape legend: B batch, L time, T tokens (B * L), D d_model, F d_ff, E experts of all groups, R rows.
 """
 from typing import List, Optional, Sequence
@@ -19,8 +23,10 @@ from torch import nn
 
 from momoe.layers.experts import ExpertFFN, run_experts
 from momoe.layers.modality_linear import ModalityRouting
-from momoe.layers.routers import ExpertChoiceRouter, RoutingContext
-from momoe.ops import gather_rows
+from momoe.layers.routers import ExpertChoiceRouter, RoutingContext, TokenChoiceRouter
+from momoe.ops import gather_rows, sort_by_group
+
+EXPERT_ROUTINGS = ("expert_choice", "token_choice")
 
 
 class ModalityExperts(nn.Module):
@@ -33,6 +39,7 @@ class ModalityExperts(nn.Module):
         capacity_factor: expert choice capacity ``C = ceil(capacity_factor * T_m / E_m)`` over the
             T_m tokens of the group in the call (MoMa computes it over the batch).
         aux_hidden, gumbel_noise: see `ExpertChoiceRouter`.
+        routing: "expert_choice" (MoMa) or "token_choice"; top_k: experts per token with token choice.
 
     Example::
 
@@ -42,8 +49,11 @@ class ModalityExperts(nn.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, experts_per_modality: Sequence[int], modality_names: Sequence[str],
-                 capacity_factor: float = 1.0, aux_hidden: Optional[int] = None, gumbel_noise: bool = False) -> None:
+                 capacity_factor: float = 1.0, aux_hidden: Optional[int] = None, gumbel_noise: bool = False,
+                 routing: str = "expert_choice", top_k: int = 1) -> None:
         super().__init__()
+        if routing not in EXPERT_ROUTINGS:
+            raise ValueError(f"momoe: unknown expert routing {routing!r}; choose one of {EXPERT_ROUTINGS}")
         if len(experts_per_modality) != len(modality_names):
             raise ValueError(f"momoe: experts_per_modality {list(experts_per_modality)} needs one entry per "
                              f"modality {list(modality_names)}")
@@ -53,11 +63,15 @@ class ModalityExperts(nn.Module):
         self.experts_per_modality: List[int] = list(experts_per_modality)
         self.modality_names: List[str] = list(modality_names)
         self.experts = ExpertFFN(d_model, d_ff, sum(self.experts_per_modality))
-        self.routers = nn.ModuleDict({
-            name: ExpertChoiceRouter(d_model, e, capacity_factor=capacity_factor, aux_hidden=aux_hidden,
-                                     gumbel_noise=gumbel_noise)
-            for name, e in zip(self.modality_names, self.experts_per_modality) if e > 1
-        })
+
+        def router(e: int) -> nn.Module:
+            if routing == "token_choice":
+                return TokenChoiceRouter(d_model, e, top_k=top_k)
+            return ExpertChoiceRouter(d_model, e, capacity_factor=capacity_factor, aux_hidden=aux_hidden,
+                                      gumbel_noise=gumbel_noise)
+
+        self.routers = nn.ModuleDict({name: router(e) for name, e in zip(self.modality_names, self.experts_per_modality)
+                                      if e > 1})
 
     @property
     def num_modalities(self) -> int:
@@ -84,6 +98,12 @@ class ModalityExperts(nn.Module):
                 continue
             router = self.routers[name_m]
             x_m = gather_rows(x_TD, tokens)
+            if isinstance(router, TokenChoiceRouter):
+                rows, row_gates, row_sizes = self.route_token_choice(router, x_m, ctx, f"{name}.{name_m}")
+                token_index.append(tokens[rows])
+                gates.append(row_gates)
+                sizes.append(row_sizes)
+                continue
             decision = router(x_m, causal=ctx.causal)
             if ctx.train_aux_routers and t_m > 0:  # no tokens: no targets (a mean over none is NaN)
                 ctx.aux_losses.append(router.aux_router_loss(x_m, decision))
@@ -94,11 +114,28 @@ class ModalityExperts(nn.Module):
         y = run_experts(x_TD, torch.cat(token_index), torch.cat(gates), torch.cat(sizes), self.experts)
         return y.reshape(x.shape)
 
+    @staticmethod
+    def route_token_choice(router: TokenChoiceRouter, x_m: torch.Tensor, ctx: RoutingContext,
+                           name: str) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+        """Top-k token choice in one group: (rows (R,) into the group's tokens grouped by expert, gates (R,),
+        sizes (E_m,)); the balancing and z losses go to ctx (not in the auxiliary routers' stage)."""
+        decision = router(x_m)
+        if x_m.shape[0] > 0 and not ctx.train_aux_routers:
+            ctx.aux_losses.append(decision.aux_loss)
+        ctx.stats[name] = decision.stats
+        order, sizes = sort_by_group(decision.expert_ids, router.num_experts)  # (T_m * k,), (E_m,)
+        return order // router.top_k, decision.gates.reshape(-1)[order], sizes
+
     def active_experts_per_token(self) -> List[float]:
-        """Experts one token of each modality goes through on average: capacity_factor in a routed group
-        (E_m experts x C = cf * T_m / E_m tokens each), 1 in a single-expert group."""
-        return [self.routers[n].capacity_factor if e > 1 else 1.0
-                for n, e in zip(self.modality_names, self.experts_per_modality)]
+        """Experts one token of each modality goes through on average: capacity_factor in an expert-choice
+        group (E_m experts x C = cf * T_m / E_m tokens each), top_k with token choice, 1 in a
+        single-expert group."""
+        def active(router: Optional[nn.Module]) -> float:
+            if router is None:
+                return 1.0
+            return float(router.top_k) if isinstance(router, TokenChoiceRouter) else router.capacity_factor
+
+        return [active(self.routers[n] if e > 1 else None) for n, e in zip(self.modality_names, self.experts_per_modality)]
 
     def extra_repr(self) -> str:
         groups = ", ".join(f"{n}: {e}" for n, e in zip(self.modality_names, self.experts_per_modality))

@@ -77,7 +77,7 @@ def _transformer_forward_flops(c: TransformerConfig, seq_len: int, modality: int
     if isinstance(c, MoMaConfig):
         experts = c.experts_per_modality[modality]
         if experts > 1:
-            ffn *= c.capacity_factor
+            ffn *= c.capacity_factor if c.expert_routing == "expert_choice" else c.experts_per_token
             router = 2 * D * experts
     routable = c.mod_modalities is None or c.modalities[modality] in c.mod_modalities
     total = 2 * D * V  # LM head

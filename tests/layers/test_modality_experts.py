@@ -169,3 +169,51 @@ def test_bf16_autocast_close_to_fp32():
         y16 = moe(x, routing)
     assert y16.dtype == torch.bfloat16
     assert_close("bf16 vs fp32", y32, y16, atol=5e-2, rtol=5e-2)
+
+
+# ----------------------------------------------------------------------------- token choice
+
+
+def token_choice_reference(moe: ModalityExperts, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    """Every token of a routed group goes to its top-k experts by softmax probability, weighted by it."""
+    y = torch.zeros_like(x)
+    first = 0
+    for m, (name, E_m) in enumerate(zip(moe.modality_names, moe.experts_per_modality)):
+        for t in (modality == m).nonzero()[:, 0].tolist():
+            if E_m == 1:
+                y[t] = expert_ffn(moe, first, x[t:t + 1])[0]
+                continue
+            router = moe.routers[name]
+            probs = (x[t] @ router.weight.t()).softmax(-1)
+            gates, experts = probs.topk(router.top_k)
+            for g, e in zip(gates, experts.tolist()):
+                y[t] = y[t] + g * expert_ffn(moe, first + e, x[t:t + 1])[0]
+        first += E_m
+    return y
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_token_choice_matches_reference_and_adds_its_losses(top_k):
+    torch.manual_seed(0)
+    moe = ModalityExperts(D, FF, [4, 2, 1], NAMES, routing="token_choice", top_k=top_k)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 13, D, generator=gen, requires_grad=True)
+    mod = torch.randint(0, 3, (3, 13), generator=gen)
+    ctx = RoutingContext()
+    y = moe(x, ModalityRouting.from_ids(mod, 3), ctx)
+    ref = token_choice_reference(moe, x.reshape(-1, D), mod.reshape(-1)).view_as(x)
+    assert_close("token choice", ref, y, **FP32)
+    g = torch.randn_like(y)
+    params = [x] + list(moe.experts.parameters()) + [r.weight for r in moe.routers.values()]
+    for r, o in zip(torch.autograd.grad(ref, params, g), torch.autograd.grad(y, params, g)):
+        assert_close("grad", r, o, **FP32)
+    assert len(ctx.aux_losses) == 2 and set(ctx.stats) == {"experts.text", "experts.image"}
+    assert moe.active_experts_per_token() == [float(top_k), float(top_k), 1.0]
+    stage2 = RoutingContext(train_aux_routers=True)  # no balancing loss in the auxiliary routers' stage
+    moe(x, ModalityRouting.from_ids(mod, 3), stage2)
+    assert stage2.aux_losses == []
+
+
+def test_token_choice_bad_routing():
+    with pytest.raises(ValueError, match="expert routing"):
+        ModalityExperts(D, FF, [2, 2], NAMES[:2], routing="hash")

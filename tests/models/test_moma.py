@@ -115,7 +115,9 @@ def test_causal_routing_is_causal(mod_layers):
         assert not torch.allclose(a[:, t:], b[:, t:], **TOL)
 
 
-@pytest.mark.parametrize("config", [tiny_moma([2, 3, 1]), moma_and_mod(split=True)], ids=["moma", "moma-mod-image"])
+@pytest.mark.parametrize("config", [tiny_moma([2, 3, 1]), moma_and_mod(split=True),
+                                    tiny_moma([3, 2, 1], expert_routing="token_choice", experts_per_token=2)],
+                         ids=["moma", "moma-mod-image", "moma-token-choice"])
 def test_kv_cache_decoding_equals_causal_forward(config):
     torch.manual_seed(0)
     model = randomize(MoMaLM(config))
@@ -209,8 +211,11 @@ def test_count_parameters(cf):
     (dict(mod_gate="tanh"), "unknown mod_gate"),
     (dict(mod_modalities=["video"]), "mod_modalities must be a non-empty subset"),
     (dict(mod_modalities=[]), "mod_modalities must be a non-empty subset"),
+    (dict(expert_routing="hash"), "unknown expert_routing"),
+    (dict(expert_routing="token_choice", experts_per_token=3), r"experts_per_token must be in \[1, 2\]"),
 ], ids=["epm-length", "zero-experts", "cf-above-group", "cf-zero", "aux-hidden", "mod-layer-out", "mod-layer-neg",
-        "mod-capacity-zero", "mod-capacity-above-1", "mod-gate", "mod-modality-unknown", "mod-modality-empty"])
+        "mod-capacity-zero", "mod-capacity-above-1", "mod-gate", "mod-modality-unknown", "mod-modality-empty",
+        "expert-routing", "experts-per-token"])
 def test_config_errors(changes, match):
     with pytest.raises(ValueError, match=match):
         tiny_moma().replace(**changes)

@@ -49,7 +49,8 @@ class MoMaLM(TransformerLM):
         c = self.config
         return ModalityExperts(c.d_model, c.ffn_dim, c.experts_per_modality, c.modalities,
                                capacity_factor=c.capacity_factor, aux_hidden=c.aux_router_hidden,
-                               gumbel_noise=c.router_gumbel_noise)
+                               gumbel_noise=c.router_gumbel_noise, routing=c.expert_routing,
+                               top_k=c.experts_per_token)
 
     def ffn_output_weight(self, ffn: nn.Module) -> torch.Tensor:
         return ffn.experts.w2
