@@ -73,8 +73,8 @@ CARDS_PACKAGE = "momoe.models.cards"
 setup(
     packages=find_packages(include=["momoe", "momoe.*"]) + [CARDS_PACKAGE],
     package_dir={CARDS_PACKAGE: "models"},
-    package_data={CARDS_PACKAGE: ["*.json"]},
+    package_data={CARDS_PACKAGE: ["*.json"], "momoe.data": ["builtin/*/*"]},  # + the embedded dataset
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=[torch_requirement(), "safetensors>=0.4"],
+    install_requires=[torch_requirement(), "safetensors>=0.4", "numpy"],
 )
