@@ -28,7 +28,8 @@ def attention_rank(model: TransformerLM, input_ids: torch.Tensor, modality_ids: 
     x = model.embedding(input_ids)
     ranks = []
     for block in model.layers:
-        probs = block.attn.attention_probs(block.attn_norm(x, modality_ids), routing, positions)  # (B, H, L, L)
+        h = x if block.post_norm else block.attn_norm(x, modality_ids)
+        probs = block.attn.attention_probs(h, routing, positions)  # (B, H, L, L)
         ranks.append(torch.linalg.matrix_rank(probs, rtol=rtol).float().mean().item())
         x = block.process(x, modality_ids, routing, positions)
     return ranks

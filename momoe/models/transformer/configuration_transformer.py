@@ -13,6 +13,8 @@ class TransformerConfig(ModelConfig):
     `modality_split` gives each modality its own attention projections, FFN and norms while attention
     stays global over the whole sequence (Mixture-of-Transformers, Liang et al. 2024); False is the
     dense Chameleon-style baseline. `d_ff` None: SwiGLU's 8/3 d_model rounded up to `multiple_of`.
+    `norm_position`: "pre" (x + f(norm(x)), Llama) or "post" (x + norm(f(x)): the Swin-v2 norm placement
+    of Chameleon-34B, which MoMa applies after its expert layers).
 
     Mixture-of-depths (Raposo et al. 2024; see `momoe.layers.depth`): the layers in `mod_layers` are
     depth-routed. Each processes `mod_capacity` (one number, or one per MoD layer) of the routable
@@ -32,6 +34,7 @@ class TransformerConfig(ModelConfig):
     d_ff: Optional[int] = None
     multiple_of: int = 256
     qk_norm: bool = False
+    norm_position: str = "pre"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -60,6 +63,8 @@ class TransformerConfig(ModelConfig):
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"momoe: TransformerConfig.modalities must be distinct names, got {self.modalities}")
         self.modalities = list(self.modalities)
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"momoe: norm_position must be 'pre' or 'post', got {self.norm_position!r}")
         self.validate_depth_routing()
 
     def validate_depth_routing(self) -> None:

@@ -32,7 +32,8 @@ class TransformerCache:
 
 
 class TransformerBlock(nn.Module):
-    """x + attn(norm(x)), then + ffn(norm(x)); per-modality weights when the config splits them.
+    """x + attn(norm(x)), then + ffn(norm(x)) (or x + norm(attn(x)), then + norm(ffn(x)) with
+    norm_position "post"); per-modality weights when the config splits them.
 
     `ffn` is built by the model (a SwiGLU here; MoMa passes its modality-aware experts) and called
     through `feed_forward`. With `depth` (a MixtureOfDepths) only the tokens its router selects go
@@ -49,6 +50,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = ModalityRMSNorm(config.d_model, M, eps=config.norm_eps)
         self.ffn = ffn
         self.depth = depth
+        self.post_norm = config.norm_position == "post"
 
     def empty_cache(self) -> Union[KVCache, DepthCache]:
         return KVCache() if self.depth is None else DepthCache()
@@ -68,8 +70,12 @@ class TransformerBlock(nn.Module):
         """The block on every token of x: (B, L, D); positions: (L,) or (B, L); attn_mask: (B, L, T)
         boolean keys each query may see (with causality); ffn_scale: (B, L) weights of the FFN output
         (depth routing's "ffn" / "symmetric" weighting)."""
-        x = x + self.attn(self.attn_norm(x, modality_ids), routing, positions, cache=cache, attn_mask=attn_mask)
-        y = self.feed_forward(self.ffn_norm(x, modality_ids), routing, ctx)
+        if self.post_norm:  # Swin / Chameleon-34B: x + norm(f(x))
+            x = x + self.attn_norm(self.attn(x, routing, positions, cache=cache, attn_mask=attn_mask), modality_ids)
+            y = self.ffn_norm(self.feed_forward(x, routing, ctx), modality_ids)
+        else:  # pre-norm: x + f(norm(x))
+            x = x + self.attn(self.attn_norm(x, modality_ids), routing, positions, cache=cache, attn_mask=attn_mask)
+            y = self.feed_forward(self.ffn_norm(x, modality_ids), routing, ctx)
         return x + (y if ffn_scale is None else (ffn_scale[..., None] * y).to(y.dtype))
 
     def feed_forward(self, h: torch.Tensor, routing: Optional[ModalityRouting],
