@@ -99,3 +99,22 @@ def test_training_lowers_loss():
     torch.manual_seed(0)
     first, out = train_on_modality_task(TransformerLM(tiny(True, vocab_size=48)), steps=150, L=40)
     assert out.loss.item() < 0.5 * first, (first, out.loss.item())
+
+
+def test_post_norm_blocks():
+    """norm_position 'post': every block is x + norm(attn(x)), then + norm(ffn(x)); decoding still equals
+    the full forward."""
+    torch.manual_seed(0)
+    model = randomize(TransformerLM(tiny(norm_position="post")))
+    ids, mod = batch(model.config, L=12)
+    block, x = model.layers[0], model.embedding(ids)
+    positions = torch.arange(12)
+    h = x + block.attn_norm(block.attn(x, None, positions))
+    expected = h + block.ffn_norm(block.ffn(h))
+    assert_close("post-norm block", expected, block(x, mod, None, positions), **TOL)
+    full = model(ids, mod).logits
+    prefill = model(ids[:, :5], mod[:, :5], return_cache=True)
+    steps = [model.step(ids[:, t], mod[:, t], prefill.cache) for t in range(5, 12)]
+    assert_close("cached", full, torch.cat([prefill.logits, torch.stack(steps, 1)], 1), **TOL)
+    with pytest.raises(ValueError, match="norm_position"):
+        tiny(norm_position="sandwich")
