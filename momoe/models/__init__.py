@@ -3,6 +3,7 @@ from momoe.models.configuration_utils import ModelConfig
 from momoe.models.mamba import MambaCache, MambaConfig, MambaLM
 from momoe.models.modeling_utils import ModelOutput, PreTrainedModel
 from momoe.models.moma import MoMaConfig, MoMaLM
+from momoe.models.mor import MoRConfig, MoRLM
 from momoe.models.transformer import TransformerCache, TransformerConfig, TransformerLM
 from momoe.models.registry import (
     MODEL_TYPES,
@@ -25,6 +26,8 @@ __all__ = [
     "ModelOutput",
     "MoMaConfig",
     "MoMaLM",
+    "MoRConfig",
+    "MoRLM",
     "PreTrainedModel",
     "TransformerCache",
     "TransformerConfig",

@@ -16,6 +16,7 @@ from momoe.layers.routers import AuxRouter
 from momoe.models.configuration_utils import ModelConfig
 from momoe.models.mamba import MambaConfig
 from momoe.models.moma import MoMaConfig
+from momoe.models.mor import MoRConfig
 from momoe.models.transformer import TransformerConfig
 
 
@@ -67,26 +68,47 @@ def _count_experts(module: ModalityExperts, names, inactive: Dict[str, int], see
 
 
 # ---------------------------------------------------------------- FLOPs per token from a config
-def _transformer_forward_flops(c: TransformerConfig, seq_len: int, modality: int) -> float:
-    D, F, V = c.d_model, c.ffn_dim, c.vocab_size
+def _layer_flops(c: TransformerConfig, seq_len: int) -> "tuple[float, float, float]":
+    """Forward FLOPs per token of one dense transformer layer: (q/k/v/o projections, attention scores and
+    values over the average causal context, SwiGLU FFN)."""
+    D = c.d_model
     kv_dim = c.kv_heads * (D // c.n_heads)
-    context = (seq_len + 1) / 2
     projections = 2 * D * (2 * D + 2 * kv_dim)  # wq, wo and wk, wv
-    scores_values = 2 * 2 * D * context
-    ffn, router = 2 * 3 * D * F, 0.0
+    scores_values = 2 * 2 * D * (seq_len + 1) / 2
+    return projections, scores_values, 2 * 3 * D * c.ffn_dim
+
+
+def _transformer_forward_flops(c: TransformerConfig, seq_len: int, modality: int) -> float:
+    D = c.d_model
+    projections, scores_values, ffn = _layer_flops(c, seq_len)
+    router = 0.0
     if isinstance(c, MoMaConfig):
         experts = c.experts_per_modality[modality]
         if experts > 1:
             ffn *= c.capacity_factor if c.expert_routing == "expert_choice" else c.experts_per_token
             router = 2 * D * experts
     routable = c.mod_modalities is None or c.modalities[modality] in c.mod_modalities
-    total = 2 * D * V  # LM head
+    total = 2 * D * c.vocab_size  # LM head
     for layer in range(c.n_layer):
         if layer in c.mod_layers and routable:
             keep = c.capacity_of(layer)  # processed fraction of this modality's tokens; attention among them only
             total += 2 * D + keep * (projections + ffn + router) + keep * keep * scores_values
         else:
             total += projections + ffn + router + scores_values
+    return total
+
+
+def _mor_forward_flops(c: MoRConfig, seq_len: int, modality: int) -> float:
+    """Unique layers for every token; recursion step r of the shared block for the fraction of tokens it
+    keeps (expert choice: its capacity; token choice: assumed balanced over the depths, (N_r - r) / N_r).
+    Recursion-wise caching attends among the step's tokens only, recursive sharing to every token."""
+    D, N_r = c.d_model, c.num_recursions
+    projections, scores_values, ffn = _layer_flops(c.layer_config(), seq_len)
+    capacities = c.capacities if c.router == "expert-choice" else [(N_r - r) / N_r for r in range(N_r)]
+    total = 2 * D * c.vocab_size + c.num_unique_layers * (projections + scores_values + ffn)
+    for keep in capacities:
+        keys = keep if c.kv_strategy == "recursion-wise" else 1.0
+        total += 2 * D + c.recursion_layers * (keep * (projections + ffn) + keep * keys * scores_values)
     return total
 
 
@@ -106,6 +128,7 @@ FORWARD_FLOPS: Dict[type, Callable[[Any, int, int], float]] = {
     TransformerConfig: _transformer_forward_flops,
     MoMaConfig: _transformer_forward_flops,
     MambaConfig: _mamba_forward_flops,
+    MoRConfig: _mor_forward_flops,
 }
 
 
