@@ -298,18 +298,15 @@ def test_scan_batch_zero():
 # ----------------------------------------------------------------------------- invariants
 
 
-@pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: case_id(dtype=d))
-def test_chunked_scan_equals_whole(M, dtype):
-    """Scanning [0, 137), [137, 393), [393, 600) with initial_state/last_state equals one scan."""
-    kw = make_inputs(L=600, dim=8, N=4, G=2, M=M, dtype=dtype, param_dtype=torch.float32)
-    tol = TOLERANCES[dtype]
-    out_ref, last_ref, grads_ref = run_scan(kernel_scan, kw)
+def in_pieces(scan, bounds):
+    """`scan` run over the pieces [bounds[i], bounds[i + 1]) of the sequence, each starting from the
+    previous one's last state (chunked prefill); same signature as selective_scan with
+    return_last_state=True."""
 
-    def chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, modality, initial_state, return_last_state):
+    def run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, modality, initial_state, return_last_state):
         outs, state = [], initial_state
-        for lo, hi in ((0, 137), (137, 393), (393, 600)):
-            out, state = kernel_scan(
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            out, state = scan(
                 u=u[..., lo:hi], delta=delta[..., lo:hi], A=A, B=B[..., lo:hi], C=C[..., lo:hi], D=D,
                 z=z[..., lo:hi], delta_bias=delta_bias, delta_softplus=delta_softplus,
                 modality=None if modality is None else modality[:, lo:hi], initial_state=state,
@@ -318,7 +315,17 @@ def test_chunked_scan_equals_whole(M, dtype):
             outs.append(out)
         return torch.cat(outs, dim=-1), state
 
-    out, last, grads = run_scan(chunked, kw)
+    return run
+
+
+@pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: case_id(dtype=d))
+def test_chunked_scan_equals_whole(M, dtype):
+    """Scanning [0, 137), [137, 393), [393, 600) with initial_state/last_state equals one scan."""
+    kw = make_inputs(L=600, dim=8, N=4, G=2, M=M, dtype=dtype, param_dtype=torch.float32)
+    tol = TOLERANCES[dtype]
+    out_ref, last_ref, grads_ref = run_scan(kernel_scan, kw)
+    out, last, grads = run_scan(in_pieces(kernel_scan, (0, 137, 393, 600)), kw)
     assert_close("out", out_ref, out, **tol)
     assert_close("last_state", last_ref, last, **tol)
     for name, ref in grads_ref.items():
@@ -678,3 +685,252 @@ def test_naive_matches_mamba_ssm_reference(G, D, z, bias, softplus, dtype):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else TOLERANCES[dtype]
     assert_close("out", out_ref, out, **tol)
     assert_close("last_state", last_ref, last, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+# The same contract on the GPU: the kernels run on CUDA, the fp32 reference on the CPU. Inputs are
+# copied to the GPU inside the differentiable call, so gradients come back to the CPU leaves.
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def to_cuda(kw):
+    """The CPU tensors of a kwargs dict copied to the GPU (dense layouts kept); others unchanged."""
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v) for k, v in kw.items()}
+
+
+def cuda_scan(transform=None):
+    """selective_scan's CUDA kernel for CPU inputs, with the same signature: inputs copied to the GPU
+    (then rewritten by `transform(kw)`, e.g. into other strides), outputs copied back."""
+
+    def run(**kw):
+        kw = to_cuda(kw)
+        if transform is not None:
+            transform(kw)
+        with use_backend("kernel"):
+            result = selective_scan(**kw)
+        return tuple(r.cpu() for r in result) if isinstance(result, tuple) else result.cpu()
+
+    return run
+
+
+def modality_runs(batch, L, M, run=300):
+    """(batch, L) modality ids in runs of `run` tokens (most 256-step chunks hold one modality; the
+    kernels take a faster path for those), shifted from sequence to sequence."""
+    t = torch.arange(L)
+    return torch.stack([((t + 97 * b) // run) % M for b in range(batch)])
+
+
+CUDA_CORE = [
+    dict(L=L, M=M, G=G, dtype=dtype, runs=runs)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    for L in (1, 17, 255, 256, 257, 1000)
+    for M, G, runs in ((None, 1, False), (1, 2, False), (3, 1, False), (3, 2, True))
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize(
+    "case", CUDA_CORE,
+    ids=[case_id(L=c["L"], M=c["M"] or 0, G=c["G"], dtype=c["dtype"], runs=c["runs"]) for c in CUDA_CORE],
+)
+def test_cuda_scan_matches_reference(case):
+    """Forward and every gradient. dim 20: per group of B/C a full and a partial block of channels;
+    fp16 with fp16 parameters and initial state, bf16 and fp32 with fp32 ones."""
+    case = dict(case)
+    runs = case.pop("runs")
+    low = dict(param_dtype=torch.float16, state_dtype=torch.float16) if case["dtype"] == torch.float16 else {}
+    kw = make_inputs(dim=20, N=16 if case["L"] == 1000 else 5, **case, **low)
+    if runs:
+        kw["modality"] = modality_runs(2, case["L"], case["M"])
+    compare(kw, fn=cuda_scan())
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: case_id(dtype=d))
+def test_cuda_scan_layouts(dtype, M):
+    """u, delta, z as transposes of (batch, L, dim) activations (z a slice of a wider tensor): the kernel
+    reads them without copies and writes out, du, ddelta, dz in the same layouts as the CPU kernel."""
+    kw = make_inputs(dim=24, L=300, N=8, G=2, M=M, dtype=dtype)
+    out_ref, last_ref, grads_ref = run_scan(naive.selective_scan, kw)
+    gpu = to_cuda(kw)
+    gpu.update(u=time_major(gpu["u"]), delta=time_major(gpu["delta"]), z=time_major(gpu["z"], pair=True))
+    out, last, grads = run_scan(kernel_scan, gpu)
+    assert out.transpose(1, 2).is_contiguous()
+    for name in ("u", "delta"):
+        assert grads[name].transpose(1, 2).is_contiguous(), name
+    assert grads["z"].stride(1) == 1
+    tol = TOLERANCES[dtype]
+    assert_close("out", out_ref, out.cpu(), **tol)
+    assert_close("last_state", last_ref, last.cpu(), **tol)
+    for name, ref in grads_ref.items():
+        assert_close(f"d{name}", ref, grads[name].cpu(), **tol)
+
+
+def _other_strides(kw):
+    """Rewrites GPU scan inputs into strides neither channel- nor time-major (and non-contiguous B, C, A,
+    modality); differentiable, so gradients flow back to the contiguous originals."""
+    kw["u"] = kw["u"].transpose(0, 2).contiguous().transpose(0, 2)
+    kw["delta"] = torch.stack([kw["delta"], kw["delta"]], dim=-1)[..., 1]
+    kw["z"] = kw["z"].transpose(0, 1).contiguous().transpose(0, 1)
+    kw["B"] = torch.stack([kw["B"], kw["B"]], dim=-1)[..., 0]
+    kw["C"] = kw["C"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    kw["A"] = kw["A"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    if kw["modality"] is not None:
+        kw["modality"] = torch.stack([kw["modality"], kw["modality"]], dim=1)[:, 0]
+    assert not (kw["u"].is_contiguous() or kw["delta"].is_contiguous() or kw["B"].is_contiguous())
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: case_id(dtype=d))
+def test_cuda_scan_non_contiguous(dtype, M):
+    compare(make_inputs(L=263, dim=12, N=6, G=2, M=M, dtype=dtype), fn=cuda_scan(_other_strides))
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: case_id(dtype=d))
+def test_cuda_chunked_prefill_equals_whole(M, dtype):
+    """Prefill in pieces (through initial_state/last_state; inside and across 256-step chunks) equals one
+    scan on CUDA, forward and backward."""
+    kw = make_inputs(L=700, dim=8, N=4, G=2, M=M, dtype=dtype)
+    whole = run_scan(cuda_scan(), kw)
+    pieces = run_scan(in_pieces(cuda_scan(), (0, 1, 137, 256, 513, 700)), kw)
+    tol = TOLERANCES[dtype]
+    assert_close("out", whole[0], pieces[0], **tol)
+    assert_close("last_state", whole[1], pieces[1], **tol)
+    for name, ref in whole[2].items():
+        assert_close(f"d{name}", ref, pieces[2][name], **tol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("L", [0, 33], ids=lambda L: f"L{L}")
+@pytest.mark.parametrize(
+    "case", OPTIONS,
+    ids=[case_id(M=c["M"] or 0, D=c["D"], z=c["z"], bias=c["delta_bias"], softplus=c["delta_softplus"],
+                 init=c["initial_state"]) for c in OPTIONS],
+)
+def test_cuda_scan_optional_arguments(case, L):
+    compare(make_inputs(L=L, dim=10, N=5, **case), fn=cuda_scan())
+
+
+@requires_cuda
+def test_cuda_scan_edge_cases():
+    """Empty batch; the softplus threshold; modality ids of every integer dtype; a large M * N."""
+    compare(make_inputs(batch=0, L=9, M=3, G=2, dim=4), fn=cuda_scan())
+    kw = make_inputs(L=21, M=3)
+    kw["delta"] = 18.5 + 3.0 * torch.rand(kw["delta"].shape, generator=torch.Generator().manual_seed(3))
+    kw["A"] = kw["A"] * 0.05
+    compare(kw, fn=cuda_scan())
+    for mod_dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        compare(make_inputs(L=29, M=3, mod_dtype=mod_dtype), fn=cuda_scan())
+    compare(make_inputs(L=40, dim=8, N=64, M=8), fn=cuda_scan())
+
+
+@requires_cuda
+@pytest.mark.parametrize("N", [3, 16, 64], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
+@pytest.mark.parametrize("G", [1, 2], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize(
+    "dtype,state_dtype,bc_dtype",
+    [(torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.float32, torch.bfloat16),
+     (torch.bfloat16, torch.bfloat16, torch.float32), (torch.float16, torch.float32, torch.float16)],
+    ids=["fp32", "bf16-state_fp32", "bf16-state_bf16-bc_fp32", "fp16-state_fp32"],
+)
+def test_cuda_state_update_matches_reference(dtype, state_dtype, bc_dtype, G, M, N):
+    """One decoding step against the reference: y and the state updated in place; x, dt, z, B and C are
+    slices of wider tensors (as they come out of a projection)."""
+    kw = make_inputs(L=1, dim=12, N=N, G=G, M=M, dtype=dtype, state_dtype=state_dtype)
+
+    def sliced(x):  # step 0 of x: (..., K, 1) -> (..., K), as a slice of a (..., 2 K) tensor
+        return torch.cat([x, torch.zeros_like(x)], dim=-2)[..., : x.shape[-2], 0]
+
+    args = dict(x=sliced(kw["u"]), dt=sliced(kw["delta"]), A=kw["A"], B=sliced(kw["B"].to(bc_dtype)),
+                C=sliced(kw["C"].to(bc_dtype)), D=kw["D"], z=sliced(kw["z"]), dt_bias=kw["delta_bias"],
+                dt_softplus=True, modality=None if M is None else kw["modality"][:, 0].clone())
+    assert not args["x"].is_contiguous() and not args["B"].is_contiguous()
+    state_ref = kw["initial_state"].clone()
+    with torch.no_grad():
+        y_ref = naive.selective_state_update(state_ref, **args)
+        state = kw["initial_state"].cuda()
+        with use_backend("kernel"):
+            y = selective_state_update(state, **to_cuda(args))
+    assert y.dtype == dtype and state.dtype == state_dtype and y.is_cuda
+    tol = TOLERANCES[dtype] if state_dtype == torch.float32 else TOLERANCES[torch.bfloat16]
+    assert_close("y", y_ref, y.cpu(), **tol)
+    assert_close("state", state_ref, state.cpu(), **tol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [None, 3], ids=lambda m: f"M{m or 0}")
+def test_cuda_decode_equals_scan(M):
+    """Token-by-token decoding (non-contiguous state) reproduces the scan's outputs and last state."""
+    kw = to_cuda(make_inputs(L=23, dim=12, N=4, G=2, M=M))
+    with use_backend("kernel"), torch.no_grad():
+        out_ref, last_ref = selective_scan(**kw, return_last_state=True)
+        state = kw["initial_state"].transpose(1, 2).contiguous().transpose(1, 2)
+        ys = [
+            selective_state_update(
+                state, kw["u"][..., t], kw["delta"][..., t], kw["A"], kw["B"][..., t], kw["C"][..., t], D=kw["D"],
+                z=kw["z"][..., t], dt_bias=kw["delta_bias"], dt_softplus=True,
+                modality=None if M is None else kw["modality"][:, t],
+            )
+            for t in range(kw["u"].shape[-1])
+        ]
+    tol = TOLERANCES[torch.float32]
+    assert_close("y", out_ref.cpu(), torch.stack(ys, dim=-1).cpu(), **tol)
+    assert_close("state", last_ref.cpu(), state.cpu(), **tol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("full", [False, True], ids=["required_only", "all_optional"])
+def test_cuda_opcheck(full):
+    kw = make_inputs(L=19, dim=4, N=3, G=2 if full else 1, M=3 if full else None, D=full, z=full,
+                     delta_bias=full, delta_softplus=full, initial_state=full)
+    kw = to_cuda(kw)
+    for name in float_inputs(kw):
+        kw[name] = kw[name].requires_grad_()
+    torch.library.opcheck(torch.ops.momoe.selective_scan_fwd.default, _op_args(kw))
+    out, last, chunk_states = torch.ops.momoe.selective_scan_fwd(*_op_args(kw))
+    dlast = torch.randn_like(last) if full else None
+    torch.library.opcheck(torch.ops.momoe.selective_scan_bwd.default,
+                          (torch.randn_like(out), dlast, *_op_args(kw), chunk_states))
+    z = kw["z"][..., 0].detach() if full else None
+    step = (torch.randn(2, 4, 3, device="cuda"), kw["u"][..., 0].detach(), kw["delta"][..., 0].detach(),
+            kw["A"].detach(), kw["B"][..., 0].detach(), kw["C"][..., 0].detach(),
+            kw["D"].detach() if full else None, z, kw["delta_bias"].detach() if full else None, full,
+            kw["modality"][:, 0] if full else None)
+    torch.library.opcheck(torch.ops.momoe.selective_state_update.default, step)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kw,match", _bad_scan_cases() + [
+    pytest.param({**make_inputs(L=9, dim=8, N=4, M=3, G=2), "cpu": "B"}, r"device", id="B_on_cpu"),
+])
+def test_cuda_bad_inputs(kw, match):
+    """The CPU glue's checks and messages on CUDA (modality ids are range-checked on the host)."""
+    kw = dict(kw)
+    on_cpu = kw.pop("cpu", None)
+    gpu = to_cuda(kw)
+    if on_cpu is not None:
+        gpu[on_cpu] = kw[on_cpu]
+    with pytest.raises(ERRORS, match=match):
+        torch.ops.momoe.selective_scan_fwd(*_op_args(gpu))
+
+
+@requires_cuda
+@pytest.mark.parametrize("kw,match", _bad_update_cases())
+def test_cuda_bad_inputs_state_update(kw, match):
+    with pytest.raises(ERRORS, match=match):
+        torch.ops.momoe.selective_state_update(*to_cuda(kw).values())
+
+
+@requires_cuda
+def test_cuda_bad_chunk_states():
+    kw = to_cuda(make_inputs(L=300, dim=4, N=3, M=3))
+    out, last, chunk_states = torch.ops.momoe.selective_scan_fwd(*_op_args(kw))
+    for bad in (chunk_states[:, :, :1], chunk_states[..., :-1], chunk_states.double(), chunk_states.cpu()):
+        with pytest.raises(ERRORS, match="chunk_states"):
+            torch.ops.momoe.selective_scan_bwd(torch.randn_like(out), None, *_op_args(kw), bad)
