@@ -15,8 +15,8 @@ from typing import Dict, List
 import torch
 
 import momoe
-from benchmarks.common import (environment, interleaved_batch, keep_freed_memory, measure_interleaved, print_table,
-                               train_step_fn, write_json)
+from benchmarks.common import (add_model_arguments, interleaved_batch, measure_interleaved, print_table, run_benchmark,
+                               train_step_fn)
 from momoe.models import MoMaConfig, TransformerConfig
 
 MODALITIES = ["text", "image", "speech"]
@@ -66,22 +66,9 @@ def bench(args) -> List[Dict[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, default=512)
+    add_model_arguments(parser)
     parser.add_argument("--mod-capacity", type=float, default=0.125)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    keep_freed_memory()
-    env = environment()
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    results = {"environment": env, "models": bench(args)}
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
+    run_benchmark("models", bench, parser.parse_args())
 
 
 if __name__ == "__main__":

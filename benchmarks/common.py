@@ -1,4 +1,5 @@
 """Timing, tables and JSON output shared by the benchmark scripts."""
+import argparse
 import ctypes
 import ctypes.util
 import datetime
@@ -132,3 +133,27 @@ def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, mod: torch.Tensor):
         opt.step()
 
     return step
+
+
+def add_model_arguments(parser: "argparse.ArgumentParser", d_model: int = 512, n_layer: int = 4, vocab: int = 4096,
+                        batch: int = 4, seqlen: int = 512, repeat: int = 5) -> None:
+    """The model-size, batch and output flags shared by the model benchmarks."""
+    parser.add_argument("--d-model", type=int, default=d_model)
+    parser.add_argument("--n-layer", type=int, default=n_layer)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seqlen", type=int, default=seqlen)
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--json", default=None, help="also write the results (and the environment) to this file")
+
+
+def run_benchmark(key: str, bench: Callable[[object], List[Dict[str, object]]], args, keep_memory: bool = True) -> None:
+    """Print the environment, run bench(args) (which prints its table) and write the JSON if asked."""
+    if keep_memory:
+        keep_freed_memory()
+    env = environment()
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    results = {"environment": env, key: bench(args)}
+    if args.json:
+        write_json(args.json, results)
+        print(f"\nwrote {args.json}")
