@@ -137,6 +137,25 @@ class PreTrainedModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ shared by the families
+    def lm_output(self, logits: torch.Tensor, modality_ids: torch.Tensor, labels: Optional[torch.Tensor],
+                  aux_loss: torch.Tensor, router_stats: Optional[Dict[str, Any]] = None, cache: Optional[Any] = None,
+                  new_tokens: int = 0, return_cache: bool = False) -> ModelOutput:
+        """The ModelOutput of a forward: logits (B, L, V), the per-modality loss when labels are given; a
+        cache that took part is advanced by new_tokens (its `seen`) and returned when asked."""
+        out = ModelOutput(logits=logits, aux_loss=aux_loss, router_stats=router_stats or {})
+        if labels is not None:
+            out.loss, out.loss_per_modality = causal_lm_loss(logits, labels, modality_ids, self.config.modalities)
+        if cache is not None:
+            cache.seen += new_tokens
+            if return_cache:
+                out.cache = cache
+        return out
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, modality_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One token per sequence: input_ids, modality_ids (B,) -> logits (B, V); cache extended in place."""
+        return self.forward(input_ids[:, None], modality_ids[:, None], cache=cache).logits[:, 0]
+
     def forward_documents(
         self, input_ids: torch.Tensor, modality_ids: torch.Tensor, labels: Optional[torch.Tensor], seq_idx: torch.Tensor,
         **forward_kwargs: Any,

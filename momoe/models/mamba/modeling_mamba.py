@@ -14,7 +14,7 @@ from momoe.layers.mamba import MambaMixer, MambaState
 from momoe.layers.modality_linear import ModalityRouting
 from momoe.layers.norms import RMSNorm
 from momoe.models.mamba.configuration_mamba import MambaConfig
-from momoe.models.modeling_utils import ModelOutput, PreTrainedModel, causal_lm_loss, check_inputs, modality_routing
+from momoe.models.modeling_utils import ModelOutput, PreTrainedModel, check_inputs, modality_routing
 
 
 @dataclasses.dataclass
@@ -104,12 +104,9 @@ class MambaLM(PreTrainedModel):
             x, new_state = layer(x, modality_ids, routing, state=state, return_state=return_cache)
             states.append(new_state)
         logits = self.lm_head(self.norm_f(x))
-        out = ModelOutput(logits=logits, aux_loss=logits.new_zeros(()))
-        if labels is not None:
-            out.loss, out.loss_per_modality = causal_lm_loss(logits, labels, modality_ids, self.config.modalities)
-        if return_cache:
-            out.cache = MambaCache(states, seen=(0 if cache is None else cache.seen) + input_ids.shape[1])
-        return out
+        new_cache = MambaCache(states, seen=0 if cache is None else cache.seen) if return_cache else None
+        return self.lm_output(logits, modality_ids, labels, logits.new_zeros(()), cache=new_cache,
+                              new_tokens=input_ids.shape[1], return_cache=return_cache)
 
     # ------------------------------------------------------------------ decoding
     def empty_cache(self, batch: int) -> MambaCache:

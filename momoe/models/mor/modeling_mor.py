@@ -41,7 +41,7 @@ from momoe.layers.ffn import SwiGLU
 from momoe.layers.modality_norm import ModalityRMSNorm
 from momoe.layers.recursion import ActiveTokens, RecursionExpertChoiceRouter, RecursionTokenChoiceRouter
 from momoe.layers.routers import RouterStats, RoutingContext
-from momoe.models.modeling_utils import (IGNORE_INDEX, ModelOutput, PreTrainedModel, causal_lm_loss, check_inputs,
+from momoe.models.modeling_utils import (IGNORE_INDEX, ModelOutput, PreTrainedModel, check_inputs,
                                          modality_routing)
 from momoe.models.mor.configuration_mor import MoRConfig
 from momoe.models.packing import Documents
@@ -320,17 +320,6 @@ class MoRLM(PreTrainedModel):
         if self.last is not None:
             x = self.last(x, None, None, positions, cache=None if cache is None else cache.last)
         logits = self.lm_head(self.norm_f(x))
-        out = ModelOutput(logits=logits, aux_loss=ctx.total_aux_loss(logits),
-                          router_stats={"recursion": rec.stats, "recursion.depth": rec.depth})
-        if labels is not None:
-            out.loss, out.loss_per_modality = causal_lm_loss(logits, labels, modality_ids, self.config.modalities)
-        if cache is not None:
-            cache.seen += input_ids.shape[1]
-            if return_cache:
-                out.cache = cache
-        return out
-
-    @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, modality_ids: torch.Tensor, cache: MoRCache) -> torch.Tensor:
-        """One token per sequence: input_ids, modality_ids (B,) -> logits (B, V); cache extended in place."""
-        return self.forward(input_ids[:, None], modality_ids[:, None], cache=cache).logits[:, 0]
+        return self.lm_output(logits, modality_ids, labels, ctx.total_aux_loss(logits),
+                              {"recursion": rec.stats, "recursion.depth": rec.depth}, cache,
+                              new_tokens=input_ids.shape[1], return_cache=return_cache)

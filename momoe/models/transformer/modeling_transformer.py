@@ -18,7 +18,7 @@ from momoe.layers.ffn import SwiGLU
 from momoe.layers.modality_linear import ModalityRouting
 from momoe.layers.modality_norm import ModalityRMSNorm
 from momoe.layers.routers import RoutingContext
-from momoe.models.modeling_utils import ModelOutput, PreTrainedModel, causal_lm_loss, check_inputs, modality_routing
+from momoe.models.modeling_utils import ModelOutput, PreTrainedModel, check_inputs, modality_routing
 from momoe.models.transformer.configuration_transformer import TransformerConfig
 
 
@@ -181,16 +181,5 @@ class TransformerLM(PreTrainedModel):
         for i, layer in enumerate(self.layers):
             x = layer(x, modality_ids, routing, positions, cache=None if cache is None else cache.layers[i], ctx=ctx)
         logits = self.lm_head(self.norm_f(x, modality_ids))
-        out = ModelOutput(logits=logits, aux_loss=ctx.total_aux_loss(logits), router_stats=ctx.stats)
-        if labels is not None:
-            out.loss, out.loss_per_modality = causal_lm_loss(logits, labels, modality_ids, self.config.modalities)
-        if cache is not None:
-            cache.seen += input_ids.shape[1]
-            if return_cache:
-                out.cache = cache
-        return out
-
-    @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, modality_ids: torch.Tensor, cache: TransformerCache) -> torch.Tensor:
-        """One token per sequence: input_ids, modality_ids (B,) -> logits (B, V); cache extended in place."""
-        return self.forward(input_ids[:, None], modality_ids[:, None], cache=cache).logits[:, 0]
+        return self.lm_output(logits, modality_ids, labels, ctx.total_aux_loss(logits), ctx.stats, cache,
+                              new_tokens=input_ids.shape[1], return_cache=return_cache)
