@@ -6,6 +6,7 @@ come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0a"), never from the local GPU, s
 built on a CPU machine runs on GPUs.
 """
 import glob
+import importlib.util
 import os
 
 import torch
@@ -22,14 +23,21 @@ def build_cuda() -> bool:
 
 
 def cutlass_include_dirs() -> list:
-    """Headers of the `nvidia-cutlass` wheel (not vendored); empty when it is not installed."""
-    try:
-        import cutlass_library  # noqa: F401  (shipped by nvidia-cutlass)
-    except ImportError:
+    """Headers of the `nvidia-cutlass` wheel (not vendored); empty when it is not installed. The package is
+    located, not imported: its Python side needs dependencies (cuda-python, scipy) the headers do not."""
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
         return []
-    root = os.path.dirname(cutlass_library.__file__)
+    root = spec.submodule_search_locations[0]
     candidates = [os.path.join(root, "source", "include"), os.path.join(root, "source", "tools", "util", "include")]
     return [c for c in candidates if os.path.isdir(c)]
+
+
+def cuda_arch_defines(arch_list: str) -> list:
+    """-D flags for nvcc from TORCH_CUDA_ARCH_LIST: the sm_90a grouped GEMM kernels (CUTLASS 3, TMA and
+    wgmma) are built only when the list targets 9.0a; without it Hopper GPUs run the sm80 kernels."""
+    archs = {a.strip().replace("+PTX", "") for a in arch_list.replace(";", " ").split()}
+    return ["-DMOMOE_CUDA_SM90A=1"] if "9.0a" in archs else []
 
 
 def extension():
@@ -48,12 +56,19 @@ def extension():
             extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    cutlass = cutlass_include_dirs()
+    if not cutlass:
+        raise RuntimeError(
+            "momoe: the CUDA build needs the CUTLASS headers of the nvidia-cutlass wheel: "
+            "pip install 'nvidia-cutlass>=4.2' (or MOMOE_FORCE_CPU=1 for a CPU-only build)"
+        )
     sources += sorted(glob.glob("csrc/*/*_cuda.cpp")) + sorted(glob.glob("csrc/*/*.cu"))
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-std=c++17"]
+    nvcc_flags += cuda_arch_defines(os.environ["TORCH_CUDA_ARCH_LIST"])
     return CUDAExtension(
         "momoe._C",
         sources,
-        include_dirs=include_dirs + cutlass_include_dirs(),
+        include_dirs=include_dirs + cutlass,
         define_macros=[("MOMOE_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
@@ -76,5 +91,5 @@ setup(
     package_data={CARDS_PACKAGE: ["*.json"], "momoe.data": ["builtin/*/*"]},  # + the embedded dataset
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=[torch_requirement(), "safetensors>=0.4", "numpy"],
+    install_requires=[torch_requirement(), "safetensors>=0.4", "numpy", "tqdm"],
 )

@@ -1,0 +1,68 @@
+"""AdamW for a model, and its state as tensors + JSON (safetensors-friendly, no pickle)."""
+from typing import Any, Dict, Tuple
+
+import torch
+from torch import nn
+
+from momoe.checkpoint import CheckpointError
+from momoe.train.config import TrainConfig
+
+STATE_PREFIX = "optimizer."
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: weight decay on matrices (dim >= 2), none on norms, biases
+    and other vectors. Fused (one kernel per step) when torch supports it for these parameters, else
+    the default implementation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("momoe: the model has no trainable parameters")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
+    except (RuntimeError, ValueError):  # fused needs floating-point parameters on a supported device
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Split optimizer.state_dict() into tensors {"optimizer.<param index>.<name>": Tensor} and a JSON
+    dict (param groups, non-tensor per-parameter values)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{STATE_PREFIX}{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor],
+                         meta: Dict[str, Any], source: str) -> None:
+    """Inverse of optimizer_state; a state for other parameters raises CheckpointError."""
+    try:
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+        scalars = meta["scalars"]
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"momoe: {source}: malformed optimizer state ({error!r})") from None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    per_param: Dict[int, Dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + [(STATE_PREFIX + k, v) for k, v in scalars.items()]:
+        index, _, name = key[len(STATE_PREFIX):].partition(".")
+        if not key.startswith(STATE_PREFIX) or not index.isdigit() or int(index) >= len(params):
+            raise CheckpointError(f"momoe: {source}: optimizer entry {key!r} does not belong to this model's "
+                                  f"{len(params)} parameters")
+        per_param.setdefault(int(index), {})[name] = value
+    for index, values in per_param.items():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[index].shape:
+                raise CheckpointError(f"momoe: {source}: optimizer {name} of parameter {index} has shape "
+                                      f"{tuple(value.shape)}, the parameter {tuple(params[index].shape)}")
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"momoe: {source}: the optimizer state does not match the model ({error})") from None
