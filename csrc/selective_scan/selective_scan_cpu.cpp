@@ -1,6 +1,8 @@
-// CPU glue of the selective scan: input checks, dtype dispatch, run-time instruction-set dispatch
-// (AVX-512 / AVX2 translation units, or the portable build of the same core), at::parallel_for,
-// and the registrations of selective_scan_fwd, selective_scan_bwd and selective_state_update.
+// CPU glue of the selective scan: input checks (selective_scan_checks.h's, with check_cpu and a range
+// check of modality ids), the kernel operands (fp32 parameters, time-major fp32 B/C), dtype dispatch,
+// run-time instruction-set dispatch (AVX-512 / AVX2 translation units, or the portable build of the same
+// core), at::parallel_for, and the registrations of selective_scan_fwd, selective_scan_bwd and
+// selective_state_update.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Optional.h>
@@ -14,6 +16,7 @@
 
 #include "common/checks.h"
 #include "common/c10_types.h"
+#include "selective_scan/selective_scan_checks.h"
 #include "selective_scan/selective_scan_kernel.h"  // the portable build: momoe::generic::scan
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -87,12 +90,7 @@ void bwd_dispatch(Isa isa, const scan::ScanArgs<T>& a, const scan::BwdOut<T>& o,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checks and preparation shared by forward and backward.
-
-void check_param_dtype(const Tensor& t, const char* name, at::ScalarType u_dtype) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == u_dtype, "momoe: ", name,
-              " must be float32 or have u's dtype (", u_dtype, "), got ", t.scalar_type());
-}
+// Operands shared by forward and backward (the checks are selective_scan_checks.h's).
 
 // Checks that ids are in [0, M) and returns them as contiguous int32.
 Tensor checked_modality(const Tensor& modality, int64_t M) {
@@ -105,23 +103,10 @@ Tensor checked_modality(const Tensor& modality, int64_t M) {
   return m64.to(at::kInt);
 }
 
-Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
 scan::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// A (batch, dim, L) activation whose channels are contiguous and time is not: the transpose of a
-// (batch, L, dim) tensor, as linear layers produce. The Python fakes apply the same rule.
-bool is_time_major(const Tensor& t) { return t.size(1) > 1 && t.size(2) > 1 && t.stride(1) == 1 && t.stride(2) != 1; }
-
-// An uninitialised (batch, dim, L) tensor, time-major or channel-major.
-Tensor empty_bdl(int64_t batch, int64_t dim, int64_t L, bool time_major, const at::TensorOptions& opts) {
-  if (time_major) return at::empty({batch, L, dim}, opts).transpose(1, 2);
-  return at::empty({batch, dim, L}, opts);
-}
-
-struct Prepared {
-  int64_t batch, dim, L, N, G, M;
-  bool grouped;  // B, C given as (batch, G, N, L)
+struct Prepared : ScanShape {
+  explicit Prepared(const ScanShape& shape) : ScanShape(shape) {}
   Tensor u, delta, z;  // any strides
   Tensor A, B, C, D, delta_bias, modality, initial_state;  // contiguous, params in fp32
 };
@@ -129,77 +114,7 @@ struct Prepared {
 Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                  const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& modality,
                  const OptTensor& initial_state) {
-  check_cpu(u, "u");
-  check_cpu(delta, "delta");
-  check_cpu(A, "A");
-  check_cpu(B, "B");
-  check_cpu(C, "C");
-  if (D) check_cpu(*D, "D");
-  if (z) check_cpu(*z, "z");
-  if (delta_bias) check_cpu(*delta_bias, "delta_bias");
-  if (modality) check_cpu(*modality, "modality");
-  if (initial_state) check_cpu(*initial_state, "initial_state");
-
-  check_float(u, "u");
-  const auto dt = u.scalar_type();
-  TORCH_CHECK(delta.scalar_type() == dt, "momoe: delta must have u's dtype (", dt, "), got ", delta.scalar_type());
-  if (z) TORCH_CHECK(z->scalar_type() == dt, "momoe: z must have u's dtype (", dt, "), got ", z->scalar_type());
-  check_param_dtype(A, "A", dt);
-  check_param_dtype(B, "B", dt);
-  check_param_dtype(C, "C", dt);
-  if (D) check_param_dtype(*D, "D", dt);
-  if (delta_bias) check_param_dtype(*delta_bias, "delta_bias", dt);
-  if (initial_state) check_param_dtype(*initial_state, "initial_state", dt);
-
-  check_dim(u, 3, "u (batch, dim, L)");
-  Prepared p;
-  p.batch = u.size(0);
-  p.dim = u.size(1);
-  p.L = u.size(2);
-  TORCH_CHECK(delta.sizes() == u.sizes(), "momoe: delta must have u's shape ", u.sizes(), ", got ", delta.sizes());
-  if (z) TORCH_CHECK(z->sizes() == u.sizes(), "momoe: z must have u's shape ", u.sizes(), ", got ", z->sizes());
-  TORCH_CHECK(B.dim() == 3 || B.dim() == 4, "momoe: B must have shape (batch, N, L) or (batch, G, N, L), got ",
-              B.sizes());
-  TORCH_CHECK(C.sizes() == B.sizes(), "momoe: C must have B's shape ", B.sizes(), ", got ", C.sizes());
-  p.grouped = B.dim() == 4;
-  p.G = p.grouped ? B.size(1) : 1;
-  p.N = B.size(-2);
-  TORCH_CHECK(B.size(0) == p.batch && B.size(-1) == p.L, "momoe: B must have batch ", p.batch, " and length ", p.L,
-              " (u is ", u.sizes(), "), got ", B.sizes());
-  TORCH_CHECK(p.G > 0 && p.dim % p.G == 0, "momoe: dim (", p.dim, ") must be divisible by the number of groups G (",
-              p.G, ") of B and C");
-
-  if (modality) {
-    check_index(*modality, "modality");
-    TORCH_CHECK(modality->dim() == 2 && modality->size(0) == p.batch && modality->size(1) == p.L,
-                "momoe: modality must have shape (batch, L) = (", p.batch, ", ", p.L, "), got ", modality->sizes());
-    TORCH_CHECK(A.dim() == 3, "momoe: with modality, A must have shape (M, dim, N), got ", A.sizes());
-    p.M = A.size(0);
-    TORCH_CHECK(A.size(1) == p.dim && A.size(2) == p.N, "momoe: A must have shape (M, ", p.dim, ", ", p.N, "), got ",
-                A.sizes());
-    for (const auto& [t, name] : {std::make_pair(D, "D"), std::make_pair(delta_bias, "delta_bias")}) {
-      if (!t) continue;
-      TORCH_CHECK(t->dim() == 2, "momoe: with modality, ", name, " must have shape (M, dim), got ", t->sizes());
-      TORCH_CHECK(t->size(0) == p.M, "momoe: mismatched modality counts: A has M = ", p.M, " but ", name, " has ",
-                  t->size(0));
-      TORCH_CHECK(t->size(1) == p.dim, "momoe: ", name, " must have shape (M, ", p.dim, "), got ", t->sizes());
-    }
-  } else {
-    p.M = 1;
-    TORCH_CHECK(A.dim() == 2 && A.size(0) == p.dim && A.size(1) == p.N,
-                "momoe: without modality, A must have shape (dim, N) = (", p.dim, ", ", p.N, "), got ", A.sizes());
-    for (const auto& [t, name] : {std::make_pair(D, "D"), std::make_pair(delta_bias, "delta_bias")}) {
-      if (!t) continue;
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == p.dim, "momoe: without modality, ", name,
-                  " must have shape (dim,) = (", p.dim, ",), got ", t->sizes());
-    }
-  }
-  if (initial_state) {
-    TORCH_CHECK(initial_state->dim() == 3 && initial_state->size(0) == p.batch && initial_state->size(1) == p.dim &&
-                    initial_state->size(2) == p.N,
-                "momoe: initial_state must have shape (batch, dim, N) = (", p.batch, ", ", p.dim, ", ", p.N,
-                "), got ", initial_state->sizes());
-  }
+  Prepared p(check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, modality, initial_state, check_cpu));
   if (modality) p.modality = checked_modality(*modality, p.M);
 
   // u, delta, z are read through their strides (no copies).
@@ -216,10 +131,7 @@ Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Te
   return p;
 }
 
-template <typename T>
-const float* fptr(const Tensor& t) {
-  return t.defined() ? t.data_ptr<float>() : nullptr;
-}
+const float* fptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 template <typename T>
 scan::ScanArgs<T> make_args(const Prepared& p, bool softplus) {
@@ -239,10 +151,10 @@ scan::ScanArgs<T> make_args(const Prepared& p, bool softplus) {
   a.A = p.A.data_ptr<float>();
   a.B = p.B.data_ptr<float>();
   a.C = p.C.data_ptr<float>();
-  a.D = fptr<T>(p.D);
-  a.delta_bias = fptr<T>(p.delta_bias);
+  a.D = fptr(p.D);
+  a.delta_bias = fptr(p.delta_bias);
   a.modality = p.modality.defined() ? p.modality.data_ptr<int32_t>() : nullptr;
-  a.initial_state = fptr<T>(p.initial_state);
+  a.initial_state = fptr(p.initial_state);
   a.softplus = softplus;
   return a;
 }
@@ -307,28 +219,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& B, const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
     bool delta_softplus, const OptTensor& modality, const OptTensor& initial_state, const Tensor& chunk_states) {
   Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, modality, initial_state);
-  check_cpu(dout, "dout");
-  check_cpu(chunk_states, "chunk_states");
-  TORCH_CHECK(dout.scalar_type() == u.scalar_type(), "momoe: dout must have u's dtype (", u.scalar_type(), "), got ",
-              dout.scalar_type());
-  TORCH_CHECK(dout.sizes() == u.sizes(), "momoe: dout must have u's shape ", u.sizes(), ", got ", dout.sizes());
-  const int64_t n_chunks = scan::num_chunks(p.L);
-  TORCH_CHECK(chunk_states.scalar_type() == at::kFloat, "momoe: chunk_states must be float32, got ",
-              chunk_states.scalar_type());
-  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(0) == p.batch && chunk_states.size(1) == p.dim &&
-                  chunk_states.size(2) == n_chunks && chunk_states.size(3) == p.N,
-              "momoe: chunk_states must have shape (batch, dim, ceil(L / 256), N) = (", p.batch, ", ", p.dim, ", ",
-              n_chunks, ", ", p.N, "), got ", chunk_states.sizes());
-  Tensor dlast;
-  if (dlast_state) {
-    check_cpu(*dlast_state, "dlast_state");
-    check_float(*dlast_state, "dlast_state");
-    TORCH_CHECK(dlast_state->dim() == 3 && dlast_state->size(0) == p.batch && dlast_state->size(1) == p.dim &&
-                    dlast_state->size(2) == p.N,
-                "momoe: dlast_state must have shape (batch, dim, N) = (", p.batch, ", ", p.dim, ", ", p.N, "), got ",
-                dlast_state->sizes());
-    dlast = f32(*dlast_state);
-  }
+  check_scan_bwd_inputs(p, u, dout, dlast_state, chunk_states, scan::kChunk, check_cpu);
+  const Tensor dlast = dlast_state ? f32(*dlast_state) : Tensor();
   Tensor cs = chunk_states.contiguous();
 
   const auto opts = u.options().memory_format(at::MemoryFormat::Contiguous);
@@ -417,85 +309,24 @@ void run_step(scan::StepArgs<T, S> a) {
 Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
                               const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
                               bool dt_softplus, const OptTensor& modality) {
-  check_cpu(state, "state");
-  check_cpu(x, "x");
-  check_cpu(dt, "dt");
-  check_cpu(A, "A");
-  check_cpu(B, "B");
-  check_cpu(C, "C");
-  if (D) check_cpu(*D, "D");
-  if (z) check_cpu(*z, "z");
-  if (dt_bias) check_cpu(*dt_bias, "dt_bias");
-  if (modality) check_cpu(*modality, "modality");
-  check_float(x, "x");
-  const auto xt = x.scalar_type();
-  check_dim(x, 2, "x (batch, dim)");
-  const int64_t batch = x.size(0), dim = x.size(1);
-  TORCH_CHECK(dt.scalar_type() == xt, "momoe: dt must have x's dtype (", xt, "), got ", dt.scalar_type());
-  TORCH_CHECK(dt.sizes() == x.sizes(), "momoe: dt must have x's shape ", x.sizes(), ", got ", dt.sizes());
-  if (z) {
-    TORCH_CHECK(z->scalar_type() == xt, "momoe: z must have x's dtype (", xt, "), got ", z->scalar_type());
-    TORCH_CHECK(z->sizes() == x.sizes(), "momoe: z must have x's shape ", x.sizes(), ", got ", z->sizes());
-  }
-  check_param_dtype(state, "state", xt);
-  check_param_dtype(A, "A", xt);
-  check_param_dtype(B, "B", xt);
-  check_param_dtype(C, "C", xt);
-  if (D) check_param_dtype(*D, "D", xt);
-  if (dt_bias) check_param_dtype(*dt_bias, "dt_bias", xt);
-  TORCH_CHECK(B.dim() == 2 || B.dim() == 3, "momoe: B must have shape (batch, N) or (batch, G, N), got ", B.sizes());
-  TORCH_CHECK(C.sizes() == B.sizes(), "momoe: C must have B's shape ", B.sizes(), ", got ", C.sizes());
-  const int64_t G = B.dim() == 3 ? B.size(1) : 1;
-  const int64_t N = B.size(-1);
-  TORCH_CHECK(B.size(0) == batch, "momoe: B must have batch ", batch, ", got ", B.sizes());
-  TORCH_CHECK(G > 0 && dim % G == 0, "momoe: dim (", dim, ") must be divisible by the number of groups G (", G,
-              ") of B and C");
-  TORCH_CHECK(state.dim() == 3 && state.size(0) == batch && state.size(1) == dim && state.size(2) == N,
-              "momoe: state must have shape (batch, dim, N) = (", batch, ", ", dim, ", ", N, "), got ",
-              state.sizes());
-  int64_t M = 1;
-  Tensor mod32;
-  if (modality) {
-    check_index(*modality, "modality");
-    TORCH_CHECK(modality->dim() == 1 && modality->size(0) == batch, "momoe: modality must have shape (batch,) = (",
-                batch, ",), got ", modality->sizes());
-    TORCH_CHECK(A.dim() == 3, "momoe: with modality, A must have shape (M, dim, N), got ", A.sizes());
-    M = A.size(0);
-    TORCH_CHECK(A.size(1) == dim && A.size(2) == N, "momoe: A must have shape (M, ", dim, ", ", N, "), got ",
-                A.sizes());
-    for (const auto& [t, name] : {std::make_pair(D, "D"), std::make_pair(dt_bias, "dt_bias")}) {
-      if (!t) continue;
-      TORCH_CHECK(t->dim() == 2, "momoe: with modality, ", name, " must have shape (M, dim), got ", t->sizes());
-      TORCH_CHECK(t->size(0) == M, "momoe: mismatched modality counts: A has M = ", M, " but ", name, " has ",
-                  t->size(0));
-      TORCH_CHECK(t->size(1) == dim, "momoe: ", name, " must have shape (M, ", dim, "), got ", t->sizes());
-    }
-    mod32 = checked_modality(*modality, M);
-  } else {
-    TORCH_CHECK(A.dim() == 2 && A.size(0) == dim && A.size(1) == N,
-                "momoe: without modality, A must have shape (dim, N) = (", dim, ", ", N, "), got ", A.sizes());
-    for (const auto& [t, name] : {std::make_pair(D, "D"), std::make_pair(dt_bias, "dt_bias")}) {
-      if (!t) continue;
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == dim, "momoe: without modality, ", name,
-                  " must have shape (dim,) = (", dim, ",), got ", t->sizes());
-    }
-  }
+  const StepShape s = check_step_inputs(state, x, dt, A, B, C, D, z, dt_bias, modality, check_cpu);
+  const Tensor mod32 = modality ? checked_modality(*modality, s.M) : Tensor();
 
   Tensor xc = x.contiguous(), dtc = dt.contiguous();
   Tensor zc = z ? z->contiguous() : Tensor();
   Tensor Af = f32(A), Bf = f32(B), Cf = f32(C);
   Tensor Df = D ? f32(*D) : Tensor(), dbf = dt_bias ? f32(*dt_bias) : Tensor();
   Tensor st = state.is_contiguous() ? state : state.contiguous();
-  Tensor y = at::empty({batch, dim}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = at::empty({s.batch, s.dim}, x.options().memory_format(at::MemoryFormat::Contiguous));
   auto run = [&](auto ttag, auto stag) {
     using T = decltype(ttag);
     using S = decltype(stag);
     scan::StepArgs<T, S> a;
-    a.batch = batch;
-    a.dim = dim;
-    a.N = N;
-    a.G = G;
-    a.M = M;
+    a.batch = s.batch;
+    a.dim = s.dim;
+    a.N = s.N;
+    a.G = s.G;
+    a.M = s.M;
     a.state = reinterpret_cast<S*>(st.data_ptr());
     a.x = reinterpret_cast<const T*>(xc.data_ptr());
     a.dt = reinterpret_cast<const T*>(dtc.data_ptr());
@@ -503,19 +334,19 @@ Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, 
     a.A = Af.data_ptr<float>();
     a.B = Bf.data_ptr<float>();
     a.C = Cf.data_ptr<float>();
-    a.D = Df.defined() ? Df.data_ptr<float>() : nullptr;
-    a.dt_bias = dbf.defined() ? dbf.data_ptr<float>() : nullptr;
+    a.D = fptr(Df);
+    a.dt_bias = fptr(dbf);
     a.modality = mod32.defined() ? mod32.data_ptr<int32_t>() : nullptr;
     a.softplus = dt_softplus;
     a.y = reinterpret_cast<T*>(y.data_ptr());
     run_step<T, S>(a);
   };
   const bool sf = state.scalar_type() == at::kFloat;
-  switch (xt) {
+  switch (x.scalar_type()) {
     case at::kFloat: run(float(), float()); break;
     case at::kBFloat16: sf ? run(c10::BFloat16(), float()) : run(c10::BFloat16(), c10::BFloat16()); break;
     case at::kHalf: sf ? run(c10::Half(), float()) : run(c10::Half(), c10::Half()); break;
-    default: TORCH_CHECK(false, "momoe: unsupported dtype ", xt);
+    default: TORCH_CHECK(false, "momoe: unsupported dtype ", x.scalar_type());
   }
   if (!st.is_same(state)) state.copy_(st);
   return y;

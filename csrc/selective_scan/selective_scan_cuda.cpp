@@ -1,8 +1,9 @@
-// CUDA glue of the selective scan: input checks (the CPU glue's, message for message), the kernel
-// operands (fp32 parameter tables, zero-padded fp32 B/C, int32 modality ids), dtype dispatch to the
-// launchers of selective_scan_cuda_kernel.h, and the CUDA registrations of selective_scan_fwd,
-// selective_scan_bwd and selective_state_update (same schemas, output shapes, dtypes and layouts as
-// the CPU kernels and the fakes in momoe/ops/selective_scan/selective_scan.py).
+// CUDA glue of the selective scan: input checks (selective_scan_checks.h's, shared with the CPU glue, with
+// a same-device check and a range check of modality ids), the kernel operands (fp32 parameter tables,
+// zero-padded fp32 B/C, int32 modality ids), dtype dispatch to the launchers of
+// selective_scan_cuda_kernel.h, and the CUDA registrations of selective_scan_fwd, selective_scan_bwd and
+// selective_state_update (same schemas, output shapes, dtypes and layouts as the CPU kernels and the
+// fakes in momoe/ops/selective_scan/selective_scan.py).
 //
 // Modality ids are range-checked on the host: one device synchronisation per call that passes
 // `modality`. During CUDA graph capture, where a synchronisation is not allowed, the check is skipped;
@@ -20,7 +21,7 @@
 #include <optional>
 #include <tuple>
 
-#include "common/checks.h"
+#include "selective_scan/selective_scan_checks.h"
 #include "selective_scan/selective_scan_cuda_kernel.h"
 
 namespace momoe {
@@ -36,9 +37,9 @@ void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
               like.device(), "), got ", t.device());
 }
 
-void check_param_dtype(const Tensor& t, const char* name, at::ScalarType u_dtype) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == u_dtype, "momoe: ", name,
-              " must be float32 or have u's dtype (", u_dtype, "), got ", t.scalar_type());
+// check_cuda against `like`, as the shared checks call it (valid while `like` is).
+auto same_device_as(const Tensor& like) {
+  return [&like](const Tensor& t, const char* name) { check_cuda(t, name, like); };
 }
 
 // Checks that ids are in [0, M) (one synchronisation; skipped while a CUDA graph is captured) and
@@ -55,29 +56,16 @@ Tensor checked_modality(const Tensor& modality, int64_t M) {
   return modality.to(at::kInt).contiguous();
 }
 
-Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
 sc::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// A (batch, dim, L) activation whose channels are contiguous and time is not: the transpose of a
-// (batch, L, dim) tensor, as linear layers produce. The Python fakes apply the same rule.
-bool is_time_major(const Tensor& t) { return t.size(1) > 1 && t.size(2) > 1 && t.stride(1) == 1 && t.stride(2) != 1; }
-
-// An uninitialised (batch, dim, L) tensor, time-major or channel-major.
-Tensor empty_bdl(int64_t batch, int64_t dim, int64_t L, bool time_major, const at::TensorOptions& opts) {
-  if (time_major) return at::empty({batch, L, dim}, opts).transpose(1, 2);
-  return at::empty({batch, dim, L}, opts);
-}
-
-struct Prepared {
-  int64_t batch, dim, L, N, G, M;
-  bool grouped;        // B, C given as (batch, G, N, L)
+struct Prepared : ScanShape {
+  explicit Prepared(const ScanShape& shape) : ScanShape(shape) {}
   Tensor u, delta, z;  // any strides
   Tensor A, B, C, D, delta_bias, modality, initial_state;  // contiguous, params in fp32
 };
 
 // (batch, G, N, Lp) fp32 copy of B or C, Lp = L rounded up to whole chunks, zero past L.
-Tensor padded_bc(const Tensor& x, const Prepared& p) {
+Tensor padded_bc(const Tensor& x, const ScanShape& p) {
   const int64_t Lp = sc::num_chunks(p.L) * sc::kChunk;
   Tensor out = at::empty({p.batch, p.G, p.N, Lp}, x.options().dtype(at::kFloat));
   out.narrow(-1, 0, p.L).copy_(p.grouped ? x : x.unsqueeze(1));
@@ -88,77 +76,7 @@ Tensor padded_bc(const Tensor& x, const Prepared& p) {
 Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                  const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, const OptTensor& modality,
                  const OptTensor& initial_state) {
-  check_cuda(u, "u", u);
-  check_cuda(delta, "delta", u);
-  check_cuda(A, "A", u);
-  check_cuda(B, "B", u);
-  check_cuda(C, "C", u);
-  if (D) check_cuda(*D, "D", u);
-  if (z) check_cuda(*z, "z", u);
-  if (delta_bias) check_cuda(*delta_bias, "delta_bias", u);
-  if (modality) check_cuda(*modality, "modality", u);
-  if (initial_state) check_cuda(*initial_state, "initial_state", u);
-
-  check_float(u, "u");
-  const auto dt = u.scalar_type();
-  TORCH_CHECK(delta.scalar_type() == dt, "momoe: delta must have u's dtype (", dt, "), got ", delta.scalar_type());
-  if (z) TORCH_CHECK(z->scalar_type() == dt, "momoe: z must have u's dtype (", dt, "), got ", z->scalar_type());
-  check_param_dtype(A, "A", dt);
-  check_param_dtype(B, "B", dt);
-  check_param_dtype(C, "C", dt);
-  if (D) check_param_dtype(*D, "D", dt);
-  if (delta_bias) check_param_dtype(*delta_bias, "delta_bias", dt);
-  if (initial_state) check_param_dtype(*initial_state, "initial_state", dt);
-
-  check_dim(u, 3, "u (batch, dim, L)");
-  Prepared p;
-  p.batch = u.size(0);
-  p.dim = u.size(1);
-  p.L = u.size(2);
-  TORCH_CHECK(delta.sizes() == u.sizes(), "momoe: delta must have u's shape ", u.sizes(), ", got ", delta.sizes());
-  if (z) TORCH_CHECK(z->sizes() == u.sizes(), "momoe: z must have u's shape ", u.sizes(), ", got ", z->sizes());
-  TORCH_CHECK(B.dim() == 3 || B.dim() == 4, "momoe: B must have shape (batch, N, L) or (batch, G, N, L), got ",
-              B.sizes());
-  TORCH_CHECK(C.sizes() == B.sizes(), "momoe: C must have B's shape ", B.sizes(), ", got ", C.sizes());
-  p.grouped = B.dim() == 4;
-  p.G = p.grouped ? B.size(1) : 1;
-  p.N = B.size(-2);
-  TORCH_CHECK(B.size(0) == p.batch && B.size(-1) == p.L, "momoe: B must have batch ", p.batch, " and length ", p.L,
-              " (u is ", u.sizes(), "), got ", B.sizes());
-  TORCH_CHECK(p.G > 0 && p.dim % p.G == 0, "momoe: dim (", p.dim, ") must be divisible by the number of groups G (",
-              p.G, ") of B and C");
-
-  if (modality) {
-    check_index(*modality, "modality");
-    TORCH_CHECK(modality->dim() == 2 && modality->size(0) == p.batch && modality->size(1) == p.L,
-                "momoe: modality must have shape (batch, L) = (", p.batch, ", ", p.L, "), got ", modality->sizes());
-    TORCH_CHECK(A.dim() == 3, "momoe: with modality, A must have shape (M, dim, N), got ", A.sizes());
-    p.M = A.size(0);
-    TORCH_CHECK(A.size(1) == p.dim && A.size(2) == p.N, "momoe: A must have shape (M, ", p.dim, ", ", p.N, "), got ",
-                A.sizes());
-    for (const auto& [t, name] : {std::make_pair(D, "D"), std::make_pair(delta_bias, "delta_bias")}) {
-      if (!t) continue;
-      TORCH_CHECK(t->dim() == 2, "momoe: with modality, ", name, " must have shape (M, dim), got ", t->sizes());
-      TORCH_CHECK(t->size(0) == p.M, "momoe: mismatched modality counts: A has M = ", p.M, " but ", name, " has ",
-                  t->size(0));
-      TORCH_CHECK(t->size(1) == p.dim, "momoe: ", name, " must have shape (M, ", p.dim, "), got ", t->sizes());
-    }
-  } else {
-    p.M = 1;
-    TORCH_CHECK(A.dim() == 2 && A.size(0) == p.dim && A.size(1) == p.N,
-                "momoe: without modality, A must have shape (dim, N) = (", p.dim, ", ", p.N, "), got ", A.sizes());
-    for (const auto& [t, name] : {std::make_pair(D, "D"), std::make_pair(delta_bias, "delta_bias")}) {
-      if (!t) continue;
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == p.dim, "momoe: without modality, ", name,
-                  " must have shape (dim,) = (", p.dim, ",), got ", t->sizes());
-    }
-  }
-  if (initial_state) {
-    TORCH_CHECK(initial_state->dim() == 3 && initial_state->size(0) == p.batch && initial_state->size(1) == p.dim &&
-                    initial_state->size(2) == p.N,
-                "momoe: initial_state must have shape (batch, dim, N) = (", p.batch, ", ", p.dim, ", ", p.N,
-                "), got ", initial_state->sizes());
-  }
+  Prepared p(check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, modality, initial_state, same_device_as(u)));
   if (modality) p.modality = checked_modality(*modality, p.M);
 
   // u, delta, z are read through their strides (no copies).
@@ -254,28 +172,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     bool delta_softplus, const OptTensor& modality, const OptTensor& initial_state, const Tensor& chunk_states) {
   const c10::cuda::CUDAGuard guard(u.device());
   Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias, modality, initial_state);
-  check_cuda(dout, "dout", u);
-  check_cuda(chunk_states, "chunk_states", u);
-  TORCH_CHECK(dout.scalar_type() == u.scalar_type(), "momoe: dout must have u's dtype (", u.scalar_type(), "), got ",
-              dout.scalar_type());
-  TORCH_CHECK(dout.sizes() == u.sizes(), "momoe: dout must have u's shape ", u.sizes(), ", got ", dout.sizes());
-  const int64_t n_chunks = sc::num_chunks(p.L);
-  TORCH_CHECK(chunk_states.scalar_type() == at::kFloat, "momoe: chunk_states must be float32, got ",
-              chunk_states.scalar_type());
-  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(0) == p.batch && chunk_states.size(1) == p.dim &&
-                  chunk_states.size(2) == n_chunks && chunk_states.size(3) == p.N,
-              "momoe: chunk_states must have shape (batch, dim, ceil(L / 256), N) = (", p.batch, ", ", p.dim, ", ",
-              n_chunks, ", ", p.N, "), got ", chunk_states.sizes());
-  Tensor dlast;
-  if (dlast_state) {
-    check_cuda(*dlast_state, "dlast_state", u);
-    check_float(*dlast_state, "dlast_state");
-    TORCH_CHECK(dlast_state->dim() == 3 && dlast_state->size(0) == p.batch && dlast_state->size(1) == p.dim &&
-                    dlast_state->size(2) == p.N,
-                "momoe: dlast_state must have shape (batch, dim, N) = (", p.batch, ", ", p.dim, ", ", p.N, "), got ",
-                dlast_state->sizes());
-    dlast = f32(*dlast_state);
-  }
+  check_scan_bwd_inputs(p, u, dout, dlast_state, chunk_states, sc::kChunk, same_device_as(u));
+  const Tensor dlast = dlast_state ? f32(*dlast_state) : Tensor();
   Tensor cs = chunk_states.contiguous();
 
   const auto opts = u.options().memory_format(at::MemoryFormat::Contiguous);
@@ -359,70 +257,8 @@ Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, 
                               const Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& dt_bias,
                               bool dt_softplus, const OptTensor& modality) {
   const c10::cuda::CUDAGuard guard(x.device());
-  check_cuda(state, "state", x);
-  check_cuda(x, "x", x);
-  check_cuda(dt, "dt", x);
-  check_cuda(A, "A", x);
-  check_cuda(B, "B", x);
-  check_cuda(C, "C", x);
-  if (D) check_cuda(*D, "D", x);
-  if (z) check_cuda(*z, "z", x);
-  if (dt_bias) check_cuda(*dt_bias, "dt_bias", x);
-  if (modality) check_cuda(*modality, "modality", x);
-  check_float(x, "x");
-  const auto xt = x.scalar_type();
-  check_dim(x, 2, "x (batch, dim)");
-  const int64_t batch = x.size(0), dim = x.size(1);
-  TORCH_CHECK(dt.scalar_type() == xt, "momoe: dt must have x's dtype (", xt, "), got ", dt.scalar_type());
-  TORCH_CHECK(dt.sizes() == x.sizes(), "momoe: dt must have x's shape ", x.sizes(), ", got ", dt.sizes());
-  if (z) {
-    TORCH_CHECK(z->scalar_type() == xt, "momoe: z must have x's dtype (", xt, "), got ", z->scalar_type());
-    TORCH_CHECK(z->sizes() == x.sizes(), "momoe: z must have x's shape ", x.sizes(), ", got ", z->sizes());
-  }
-  check_param_dtype(state, "state", xt);
-  check_param_dtype(A, "A", xt);
-  check_param_dtype(B, "B", xt);
-  check_param_dtype(C, "C", xt);
-  if (D) check_param_dtype(*D, "D", xt);
-  if (dt_bias) check_param_dtype(*dt_bias, "dt_bias", xt);
-  TORCH_CHECK(B.dim() == 2 || B.dim() == 3, "momoe: B must have shape (batch, N) or (batch, G, N), got ", B.sizes());
-  TORCH_CHECK(C.sizes() == B.sizes(), "momoe: C must have B's shape ", B.sizes(), ", got ", C.sizes());
-  const bool grouped = B.dim() == 3;
-  const int64_t G = grouped ? B.size(1) : 1;
-  const int64_t N = B.size(-1);
-  TORCH_CHECK(B.size(0) == batch, "momoe: B must have batch ", batch, ", got ", B.sizes());
-  TORCH_CHECK(G > 0 && dim % G == 0, "momoe: dim (", dim, ") must be divisible by the number of groups G (", G,
-              ") of B and C");
-  TORCH_CHECK(state.dim() == 3 && state.size(0) == batch && state.size(1) == dim && state.size(2) == N,
-              "momoe: state must have shape (batch, dim, N) = (", batch, ", ", dim, ", ", N, "), got ",
-              state.sizes());
-  int64_t M = 1;
-  Tensor mod32;
-  if (modality) {
-    check_index(*modality, "modality");
-    TORCH_CHECK(modality->dim() == 1 && modality->size(0) == batch, "momoe: modality must have shape (batch,) = (",
-                batch, ",), got ", modality->sizes());
-    TORCH_CHECK(A.dim() == 3, "momoe: with modality, A must have shape (M, dim, N), got ", A.sizes());
-    M = A.size(0);
-    TORCH_CHECK(A.size(1) == dim && A.size(2) == N, "momoe: A must have shape (M, ", dim, ", ", N, "), got ",
-                A.sizes());
-    for (const auto& [t, name] : {std::make_pair(D, "D"), std::make_pair(dt_bias, "dt_bias")}) {
-      if (!t) continue;
-      TORCH_CHECK(t->dim() == 2, "momoe: with modality, ", name, " must have shape (M, dim), got ", t->sizes());
-      TORCH_CHECK(t->size(0) == M, "momoe: mismatched modality counts: A has M = ", M, " but ", name, " has ",
-                  t->size(0));
-      TORCH_CHECK(t->size(1) == dim, "momoe: ", name, " must have shape (M, ", dim, "), got ", t->sizes());
-    }
-    mod32 = checked_modality(*modality, M);
-  } else {
-    TORCH_CHECK(A.dim() == 2 && A.size(0) == dim && A.size(1) == N,
-                "momoe: without modality, A must have shape (dim, N) = (", dim, ", ", N, "), got ", A.sizes());
-    for (const auto& [t, name] : {std::make_pair(D, "D"), std::make_pair(dt_bias, "dt_bias")}) {
-      if (!t) continue;
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == dim, "momoe: without modality, ", name,
-                  " must have shape (dim,) = (", dim, ",), got ", t->sizes());
-    }
-  }
+  const StepShape s = check_step_inputs(state, x, dt, A, B, C, D, z, dt_bias, modality, same_device_as(x));
+  const Tensor mod32 = modality ? checked_modality(*modality, s.M) : Tensor();
 
   // x, dt, z, B and C are read through their strides; B and C in one dtype (fp32 when theirs differ).
   const bool same_bc = B.scalar_type() == C.scalar_type();
@@ -430,14 +266,14 @@ Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, 
   const Tensor Af = f32(A);
   const Tensor Df = D ? f32(*D) : Tensor(), dbf = dt_bias ? f32(*dt_bias) : Tensor();
   Tensor st = state.is_contiguous() ? state : state.contiguous();
-  Tensor y = at::empty({batch, dim}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor y = at::empty({s.batch, s.dim}, x.options().memory_format(at::MemoryFormat::Contiguous));
   sc::StepArgs a;
-  a.batch = batch;
-  a.dim = dim;
-  a.N = N;
-  a.G = G;
-  a.M = M;
-  a.dtype = dtype_of(xt);
+  a.batch = s.batch;
+  a.dim = s.dim;
+  a.N = s.N;
+  a.G = s.G;
+  a.M = s.M;
+  a.dtype = dtype_of(x.scalar_type());
   a.state_dtype = dtype_of(state.scalar_type());
   a.bc_dtype = dtype_of(Bk.scalar_type());
   a.state = st.data_ptr();
@@ -453,10 +289,10 @@ Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, 
   a.B = Bk.data_ptr();
   a.C = Ck.data_ptr();
   a.sB_b = Bk.stride(0);
-  a.sB_g = grouped ? Bk.stride(1) : 0;
+  a.sB_g = s.grouped ? Bk.stride(1) : 0;
   a.sB_n = Bk.stride(-1);
   a.sC_b = Ck.stride(0);
-  a.sC_g = grouped ? Ck.stride(1) : 0;
+  a.sC_g = s.grouped ? Ck.stride(1) : 0;
   a.sC_n = Ck.stride(-1);
   a.A = Af.data_ptr<float>();
   a.D = fptr(Df);
