@@ -1,0 +1,148 @@
+"""Expert parallelism over 2 ranks against the single-process MoMa on the concatenated batch."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from momoe.distributed import apply_expert_parallel, init_mesh, local_expert_blocks, spawn, wrap_model
+from momoe.distributed.expert_parallel import _slot_of_expert
+from tests.distributed.helpers import (TOL, WORLD, distributed_step, expert_rows, global_batches, make_model,
+                                       moma_config, optimizer, rank_rows, step)
+from tests.utils import assert_close
+
+CONFIGS = {
+    "expert-choice": moma_config(),
+    "expert-choice-cf1.5-3-groups": moma_config(modalities=["text", "image", "speech"], experts_per_modality=[2, 4, 2],
+                                                capacity_factor=1.5),
+    "token-choice-top2": moma_config(expert_routing="token_choice", experts_per_token=2),
+}
+TRAIN_STEPS = 3
+SKEWED = "expert-choice-cf1.5-3-groups"
+
+
+def _batch(config: dict, skewed: bool):
+    """The global batch; skewed: no speech token anywhere and only text on rank 1 (empty groups, empty
+    all_to_all splits)."""
+    ids, mod = global_batches(config, 1)[0]
+    if skewed:
+        mod = mod % 2
+        mod[mod.shape[0] // WORLD:] = 0
+    return ids, mod
+
+
+def _forward_backward(config: dict, causal: bool, skewed: bool = False):
+    """Rank side: this rank's logits, its loss, and the gradients of (loss / world) of every parameter."""
+    model = apply_expert_parallel(make_model(config), dist.group.WORLD)
+    ids, mod = (rank_rows(t) for t in _batch(config, skewed))
+    out = model(ids, mod, labels=ids, causal_routing=causal)
+    (out.loss / dist.get_world_size()).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _train(config: dict):
+    """Rank side: TRAIN_STEPS steps with wrap_model(..., "ep") -> (mean losses, this rank's parameters)."""
+    model = wrap_model(make_model(config), "ep", init_mesh(ep_size=dist.get_world_size()))
+    opt = optimizer(model)
+    losses = [distributed_step(model, opt, ids, mod) for ids, mod in global_batches(config, TRAIN_STEPS)]
+    return losses, {name: p.detach() for name, p in model.module.named_parameters()}
+
+
+def _on_ranks():
+    """Rank side: every forward/backward case, the training run, and the error for indivisible groups."""
+    out = {(name, causal): _forward_backward(config, causal)
+           for name, config in CONFIGS.items() for causal in (False, True)}
+    out["skewed"] = _forward_backward(CONFIGS[SKEWED], causal=False, skewed=True)
+    out["train"] = _train(CONFIGS["expert-choice"])
+    try:
+        apply_expert_parallel(make_model(moma_config(experts_per_modality=[4, 1])), dist.group.WORLD)
+    except ValueError as error:
+        out["indivisible"] = str(error)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return spawn(_on_ranks, WORLD, threads=1)
+
+
+def _is_expert(name: str) -> bool:
+    return ".ffn.experts." in name
+
+
+def _check_against_single_process(name: str, causal: bool, results, skewed: bool = False) -> None:
+    config = CONFIGS[name]
+    model = make_model(config)
+    ids, mod = _batch(config, skewed)
+    out = model(ids, mod, labels=ids, causal_routing=causal)
+    out.loss.backward()
+    assert_close("logits", out.logits, torch.cat([logits for logits, _, _ in results]), **TOL)
+    assert_close("loss", out.loss, torch.stack([loss for _, loss, _ in results]).mean(), **TOL)
+    for param_name, p in model.named_parameters():
+        if p.grad is None:
+            assert all(param_name not in grads for _, _, grads in results), param_name
+        elif _is_expert(param_name):  # each rank's shard: the gradient of its rows of the bank
+            for rank, (_, _, grads) in enumerate(results):
+                rows = expert_rows(config["experts_per_modality"], rank)
+                assert_close(f"rank {rank} grad {param_name}", p.grad[rows], grads[param_name], **TOL)
+        else:  # replicated: the ranks' gradients sum to the whole batch's
+            assert_close(f"grad {param_name}", p.grad, sum(grads[param_name] for _, _, grads in results), **TOL)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["batch-routing", "causal-routing"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_backward_match_single_process(ranks, name, causal):
+    _check_against_single_process(name, causal, [r[(name, causal)] for r in ranks])
+
+
+def test_ranks_without_tokens_of_a_modality(ranks):
+    _check_against_single_process(SKEWED, False, [r["skewed"] for r in ranks], skewed=True)
+
+
+def test_training_with_wrap_model_matches_single_process(ranks):
+    config = CONFIGS["expert-choice"]
+    model = make_model(config)
+    opt = optimizer(model)
+    ref_losses = [step(model, opt, ids, mod).item() for ids, mod in global_batches(config, TRAIN_STEPS)]
+    for rank, r in enumerate(ranks):
+        losses, params = r["train"]
+        assert_close(f"rank {rank} losses", torch.tensor(ref_losses), torch.tensor(losses), **TOL)
+        for name, p in model.named_parameters():
+            ref = p[expert_rows(config["experts_per_modality"], rank)] if _is_expert(name) else p
+            assert_close(f"rank {rank} {name}", ref, params[name], **TOL)
+
+
+def test_indivisible_groups_are_refused(ranks):
+    assert "needs every modality group's number of experts to be divisible by 2" in ranks[0]["indivisible"]
+    assert "[4, 1]" in ranks[0]["indivisible"]
+
+
+@pytest.mark.parametrize("groups, ep_size, rank, blocks", [
+    ([4, 2], 2, 0, [(0, 2), (4, 1)]),
+    ([4, 2], 2, 1, [(2, 2), (5, 1)]),
+    ([4, 4, 8], 4, 3, [(3, 1), (7, 1), (14, 2)]),
+    ([3], 1, 0, [(0, 3)]),
+], ids=["4t2i-rank0", "4t2i-rank1", "4t4i8s-ep4-rank3", "one-rank"])
+def test_local_expert_blocks(groups, ep_size, rank, blocks):
+    assert local_expert_blocks(groups, ep_size, rank) == blocks
+
+
+def test_slots_follow_owner_then_local_order():
+    # 4t2i over 2 ranks: rank 0 holds [t0 t1 i0], rank 1 [t2 t3 i1]
+    assert _slot_of_expert([4, 2], 2).tolist() == [0, 1, 3, 4, 2, 5]
+
+
+@pytest.mark.parametrize("groups, ep_size, rank, message", [
+    ([4, 3], 2, 0, "divisible by 2"),
+    ([4, 4], 2, 2, "ep_rank must be in"),
+    ([4, 4], 0, 0, "ep_rank must be in"),
+], ids=["indivisible", "rank-too-large", "no-ranks"])
+def test_local_expert_blocks_errors(groups, ep_size, rank, message):
+    with pytest.raises(ValueError, match=message):
+        local_expert_blocks(groups, ep_size, rank)
+
+
+def test_apply_needs_modality_experts():
+    from tests.distributed.helpers import transformer_config
+
+    with pytest.raises(ValueError, match="no ModalityExperts layer"):
+        apply_expert_parallel(make_model(transformer_config()), None)
