@@ -50,8 +50,8 @@ from torch.distributed import ProcessGroup
 from momoe.distributed.collectives import all_gather_rows, all_to_all_counts, all_to_all_rows
 from momoe.layers.experts import ExpertFFN
 from momoe.layers.modality_experts import ModalityExperts
-from momoe.layers.routers import (ExpertChoiceRouter, RouterStats, SortedRouting, _check_rows, _gumbel_like,
-                                  _router_logits)
+from momoe.layers.routers import (ExpertChoiceRouter, RouterStats, SortedRouting, check_rows, gumbel_like,
+                                  router_logits)
 from momoe.ops import gather_rows, scatter_rows, sort_by_group
 
 
@@ -195,11 +195,11 @@ class ExpertParallelRouter(ExpertChoiceRouter):
         """x: (T_p, D) this rank's tokens -> SortedRouting of this rank's (token, expert) pairs."""
         if causal:
             return super().forward(x, causal=True)
-        _check_rows(x, self.d_model, "x")
-        logits = _router_logits(x, self.weight)  # (T_p, E)
+        check_rows(x, self.d_model, "x")
+        logits = router_logits(x, self.weight)  # (T_p, E)
         scores = logits
         if self.training and self.gumbel_noise:
-            scores = logits + _gumbel_like(logits) - _gumbel_like(logits)
+            scores = logits + gumbel_like(logits) - gumbel_like(logits)
         all_scores, counts = all_gather_rows(scores, self.group)  # (T, E), T_q per rank
         start = sum(counts[: dist.get_rank(self.group)])
         top = all_scores.t().topk(self.capacity(all_scores.shape[0]), dim=1).indices  # (E, C) tokens of the group

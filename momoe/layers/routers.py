@@ -127,12 +127,12 @@ class KMeansRouting:
     stats: RouterStats
 
 
-def _check_rows(x: torch.Tensor, features: int, name: str) -> None:
+def check_rows(x: torch.Tensor, features: int, name: str) -> None:
     if x.dim() != 2 or x.shape[1] != features:
         raise ValueError(f"momoe: {name} must have shape (rows, {features}), got {tuple(x.shape)}")
 
 
-def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: (T, D), weight: (E, D) -> (T, E) in fp32, whatever the autocast state."""
     with torch.autocast(x.device.type, enabled=False):
         return F.linear(x.float(), weight.float())
@@ -232,13 +232,13 @@ class ExpertChoiceRouter(nn.Module):
         Expert choice (default): R = E * C, every expert takes exactly C tokens. causal=True: each token
         goes to the experts its auxiliary routers accept (R varies; no dependence on other tokens).
         """
-        _check_rows(x, self.d_model, "x")
-        logits = _router_logits(x, self.weight)  # (T, E)
+        check_rows(x, self.d_model, "x")
+        logits = router_logits(x, self.weight)  # (T, E)
         if causal:
             return self._route_causal(x, logits)
         scores = logits
         if self.training and self.gumbel_noise:
-            scores = logits + _gumbel_like(logits) - _gumbel_like(logits)
+            scores = logits + gumbel_like(logits) - gumbel_like(logits)
         capacity = self.capacity(x.shape[0])
         top_scores, token_index = scores.t().topk(capacity, dim=1)  # (E, C) each
         sizes = torch.full((self.num_experts,), capacity, dtype=torch.int64, device=x.device)
@@ -265,7 +265,7 @@ class ExpertChoiceRouter(nn.Module):
         Returns:
             Scalar: mean over (token, expert) of BCE(sigmoid(aux logit), token picked by expert).
         """
-        _check_rows(x, self.d_model, "x")
+        check_rows(x, self.d_model, "x")
         if routing.logits.shape[0] != x.shape[0]:
             raise ValueError(f"momoe: routing is for {routing.logits.shape[0]} tokens, x has {x.shape[0]}")
         targets = routing.selection_mask().float()
@@ -276,7 +276,7 @@ class ExpertChoiceRouter(nn.Module):
                 f"capacity_factor={self.capacity_factor}, gumbel_noise={self.gumbel_noise}")
 
 
-def _gumbel_like(x: torch.Tensor) -> torch.Tensor:
+def gumbel_like(x: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) samples shaped like x: -log(-log(u)), u ~ U(0, 1)."""
     u = torch.rand_like(x).clamp(1e-9, 1 - 1e-7)
     return -torch.log(-torch.log(u))
@@ -328,9 +328,9 @@ class TokenChoiceRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> TokenChoiceRouting:
         """x: (T, D) -> TokenChoiceRouting with expert_ids and gates of shape (T, k)."""
-        _check_rows(x, self.d_model, "x")
+        check_rows(x, self.d_model, "x")
         num_tokens = x.shape[0]
-        logits = _router_logits(x, self.weight)  # (T, E)
+        logits = router_logits(x, self.weight)  # (T, E)
         probs = logits.softmax(-1)
         gates, expert_ids = probs.topk(self.top_k, dim=-1)  # (T, k) each
         if self.renormalize:
@@ -412,7 +412,7 @@ class KMeansRouter(nn.Module):
 
     def forward(self, context: torch.Tensor) -> KMeansRouting:
         """context: (N, Z) -> KMeansRouting with expert_ids (N,); updates the centroids in training mode."""
-        _check_rows(context, self.context_dim, "context")
+        check_rows(context, self.context_dim, "context")
         if self.training:
             self.update(context)
         expert_ids = self.assign(context)
@@ -424,7 +424,7 @@ class KMeansRouter(nn.Module):
     @torch.no_grad()
     def assign(self, context: torch.Tensor) -> torch.Tensor:
         """context: (N, Z) -> (N,) int64, the nearest centroid (squared Euclidean distance)."""
-        _check_rows(context, self.context_dim, "context")
+        check_rows(context, self.context_dim, "context")
         if not bool(self.initialized):
             raise ValueError("momoe: KMeansRouter has no centroids yet: run it once in training mode, "
                              "or call init_centroids(context)")
@@ -433,7 +433,7 @@ class KMeansRouter(nn.Module):
     @torch.no_grad()
     def init_centroids(self, context: torch.Tensor) -> None:
         """k-means++ seeding (Arthur & Vassilvitskii 2007) from context: (N, Z), N >= E."""
-        _check_rows(context, self.context_dim, "context")
+        check_rows(context, self.context_dim, "context")
         points = context.detach().float()
         if points.shape[0] < self.num_experts:
             raise ValueError(f"momoe: seeding {self.num_experts} centroids needs at least {self.num_experts} "
