@@ -1,8 +1,13 @@
 // Input validation shared by the torch glue of every op (TORCH_CHECK before touching memory).
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/util/FunctionRef.h>
 
 namespace momoe {
+
+// A backend's device check of one named input (check_cpu, or a CUDA glue's check), which the checks
+// shared by an op's CPU and CUDA glue (csrc/<op>/<op>_checks.h) take from each glue.
+using DeviceCheck = c10::function_ref<void(const at::Tensor&, const char*)>;
 
 inline void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "momoe: ", name, " must be a CPU tensor, got device ", t.device());

@@ -4,12 +4,15 @@
 // Each group is one call to ATen's GEMM (`at::mm_out`) that writes straight into its slice of
 // the output (a run of equal-size groups is one `at::bmm_out`): MKL for fp32, oneDNN (AMX for
 // bf16, AVX-512-FP16 for fp16) for the others, all with fp32 accumulation (checked by the tests
-// at K = 16384). fp16 GEMMs run at about fp32 speed on this CPU (no AMX-FP16), ~5x slower than bf16. There is no torch-free core here on purpose: the per-group work *is* a BLAS
-// call, and a hand-written kernel would be slower than the vendor GEMMs it would replace.
+// at K = 16384). fp16 GEMMs run at about fp32 speed on this CPU (no AMX-FP16), ~5x slower than bf16.
+// There is no torch-free core here on purpose: the per-group work *is* a BLAS call, and a hand-written
+// kernel would be slower than the vendor GEMMs it would replace.
 //
 // Threading: large groups use the GEMM's own threads, one group after another. When the groups
 // are many and small (each GEMM too small to keep every thread busy), the groups themselves are
 // spread over threads with at::parallel_for and each GEMM runs single-threaded inside it.
+//
+// Input checks are grouped_gemm_checks.h's (shared with the CUDA glue), with check_cpu.
 //
 // Shape legend: T tokens (rows of x), K input features, N output features, G groups.
 #include <ATen/ATen.h>
@@ -20,7 +23,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/checks.h"
+#include "grouped_gemm/grouped_gemm_checks.h"
 
 namespace momoe {
 namespace {
@@ -60,20 +63,12 @@ void add_windows(std::vector<Window>& out, int64_t g, int64_t row, int64_t m, in
   }
 }
 
-// Reads group_sizes (any integer dtype, on the host) once, checking each size is >= 0 and the
-// sizes sum to `total`. Returns the sizes as int64.
-std::vector<int64_t> read_group_sizes(const at::Tensor& group_sizes, int64_t total, const char* total_what) {
-  const at::Tensor sizes = group_sizes.to(at::kLong).contiguous();
-  const int64_t* p = sizes.data_ptr<int64_t>();
-  const int64_t G = sizes.numel();
-  std::vector<int64_t> out(p, p + G);
-  int64_t sum = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK(out[g] >= 0, "momoe: group_sizes must be >= 0, got group_sizes[", g, "] = ", out[g]);
-    sum += out[g];
-  }
-  TORCH_CHECK(sum == total, "momoe: group_sizes must sum to ", total_what, " = ", total, ", got sum ", sum);
-  return out;
+// Reads group_sizes (any integer dtype, on the host) once, checked by checked_host_group_sizes (each
+// size >= 0, summing to T). Returns the sizes as int64.
+std::vector<int64_t> read_group_sizes(const at::Tensor& group_sizes, int64_t T) {
+  const at::Tensor sizes = checked_host_group_sizes(group_sizes, T);
+  const int64_t* p = sizes.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + sizes.numel());
 }
 
 // A matrix whose strides a GEMM can take as they are (one of the two strides is 1); otherwise a
@@ -102,34 +97,12 @@ std::vector<int64_t> group_begins(const std::vector<int64_t>& sizes) {
   return begin;
 }
 
-void check_common(const at::Tensor& x, const at::Tensor& other, const char* other_name,
-                  const at::Tensor& group_sizes) {
-  check_dim(x, 2, "x");
-  check_float(x, "x");
-  check_float(other, other_name);
-  TORCH_CHECK(other.scalar_type() == x.scalar_type(), "momoe: x and ", other_name,
-              " must have the same dtype, got ", x.scalar_type(), " and ", other.scalar_type());
-  check_dim(group_sizes, 1, "group_sizes");
-  check_index(group_sizes, "group_sizes");
-  check_same_device(x, "x", other, other_name);
-  check_cpu(x, "x");
-  check_cpu(other, other_name);
-  check_cpu(group_sizes, "group_sizes");
-}
-
 // y: (T, N) = per group x_g (m, K) @ w[g] (K, N), or @ w[g]^T (w: (G, N, K)) with trans_w.
 at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
                             bool trans_w) {
-  check_common(x, w, "w", group_sizes);
-  check_dim(w, 3, "w");
-  const int64_t T = x.size(0), K = x.size(1), G = w.size(0);
-  const int64_t Kw = trans_w ? w.size(2) : w.size(1);
-  const int64_t N = trans_w ? w.size(1) : w.size(2);
-  TORCH_CHECK(Kw == K, "momoe: x has K = ", K, " features but w", trans_w ? " (trans_w=True, shape (G, N, K))" : " (shape (G, K, N))",
-              " has K = ", Kw, "; x: ", x.sizes(), ", w: ", w.sizes());
-  TORCH_CHECK(group_sizes.size(0) == G, "momoe: group_sizes must have one entry per group of w (G = ", G,
-              "), got ", group_sizes.size(0));
-  const std::vector<int64_t> sizes = read_group_sizes(group_sizes, T, "the number of rows of x (T)");
+  const GroupedGemmShape shape = check_grouped_gemm_inputs(x, w, group_sizes, trans_w, check_cpu, check_cpu);
+  const int64_t T = shape.T, K = shape.K, N = shape.N, G = shape.G;
+  const std::vector<int64_t> sizes = read_group_sizes(group_sizes, T);
 
   at::Tensor y = at::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
@@ -186,12 +159,9 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& w, const at::
 // the layout of w. Zero for empty groups.
 at::Tensor grouped_gemm_dw_cpu(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& group_sizes,
                                bool trans_w) {
-  check_common(x, dy, "dy", group_sizes);
-  check_dim(dy, 2, "dy");
-  const int64_t T = x.size(0), K = x.size(1), N = dy.size(1), G = group_sizes.size(0);
-  TORCH_CHECK(dy.size(0) == T, "momoe: x and dy must have the same number of rows (T), got x: ", x.sizes(),
-              ", dy: ", dy.sizes());
-  const std::vector<int64_t> sizes = read_group_sizes(group_sizes, T, "the number of rows of x (T)");
+  const GroupedGemmShape shape = check_grouped_gemm_dw_inputs(x, dy, group_sizes, check_cpu, check_cpu);
+  const int64_t T = shape.T, K = shape.K, N = shape.N, G = shape.G;
+  const std::vector<int64_t> sizes = read_group_sizes(group_sizes, T);
 
   at::Tensor dw = trans_w ? at::empty({G, N, K}, x.options()) : at::empty({G, K, N}, x.options());
   if (dw.numel() == 0) return dw;

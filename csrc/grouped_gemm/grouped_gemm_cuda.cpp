@@ -1,5 +1,6 @@
-// CUDA glue of the grouped GEMM: input checks (the CPU kernel's messages), operands in the layout the
-// CUTLASS kernels take, and the launch (grouped_gemm_cuda_kernel.h). Schemas live in csrc/ops.cpp.
+// CUDA glue of the grouped GEMM: input checks (grouped_gemm_checks.h's, shared with the CPU glue, with
+// check_cuda), operands in the layout the CUTLASS kernels take, and the launch (grouped_gemm_cuda_kernel.h).
+// Schemas live in csrc/ops.cpp.
 //
 // group_sizes may live on the host or on x's device. Host sizes are checked here, with the CPU kernel's
 // messages, before they are copied over (asynchronously). Device sizes are never read by the host (no
@@ -14,8 +15,8 @@
 
 #include <limits>
 
-#include "common/checks.h"
 #include "common/cuda_glue.h"
+#include "grouped_gemm/grouped_gemm_checks.h"
 #include "grouped_gemm/grouped_gemm_cuda_kernel.h"
 
 namespace momoe {
@@ -29,19 +30,12 @@ cutlass_gemm::Dtype kernel_dtype(at::ScalarType s) {
   }
 }
 
-void check_common(const at::Tensor& x, const at::Tensor& other, const char* other_name,
-                  const at::Tensor& group_sizes) {
-  check_dim(x, 2, "x");
-  check_float(x, "x");
-  check_float(other, other_name);
-  TORCH_CHECK(other.scalar_type() == x.scalar_type(), "momoe: x and ", other_name,
-              " must have the same dtype, got ", x.scalar_type(), " and ", other.scalar_type());
-  check_dim(group_sizes, 1, "group_sizes");
-  check_index(group_sizes, "group_sizes");
-  check_same_device(x, "x", other, other_name);
-  check_cuda(x, "x");
-  TORCH_CHECK(group_sizes.is_cpu() || group_sizes.device() == x.device(),
-              "momoe: group_sizes must be on the CPU or on x's device ", x.device(), ", got ", group_sizes.device());
+// The device check of group_sizes: on the host or on x's device (valid while x is).
+auto on_host_or_device_of(const at::Tensor& x) {
+  return [&x](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.is_cpu() || t.device() == x.device(), "momoe: ", name, " must be on the CPU or on x's device ",
+                x.device(), ", got ", t.device());
+  };
 }
 
 // The CUTLASS kernels index with 32-bit ints.
@@ -54,15 +48,7 @@ void check_int32(int64_t value, const char* what) {
 // pinned memory without waiting for the GPU.
 at::Tensor device_group_sizes(const at::Tensor& group_sizes, const at::Tensor& x, int64_t T) {
   if (!group_sizes.is_cpu()) return group_sizes.to(at::kLong).contiguous();
-  const at::Tensor sizes = group_sizes.to(at::kLong).contiguous();
-  const int64_t* p = sizes.data_ptr<int64_t>();
-  int64_t sum = 0;
-  for (int64_t g = 0; g < sizes.numel(); ++g) {
-    TORCH_CHECK(p[g] >= 0, "momoe: group_sizes must be >= 0, got group_sizes[", g, "] = ", p[g]);
-    sum += p[g];
-  }
-  TORCH_CHECK(sum == T, "momoe: group_sizes must sum to the number of rows of x (T) = ", T, ", got sum ", sum);
-  return sizes.pin_memory().to(x.device(), at::kLong, /*non_blocking=*/true);
+  return checked_host_group_sizes(group_sizes, T).pin_memory().to(x.device(), at::kLong, /*non_blocking=*/true);
 }
 
 // t as the kernels take it: dense, 16-byte aligned, its last two dimensions zero-padded at the end to
@@ -110,16 +96,9 @@ void launch(cutlass_gemm::Product product, const at::Tensor& a, const at::Tensor
 
 // y: (T, N) = per group x_g (m, K) @ w[g] (K, N), or @ w[g]^T (w: (G, N, K)) with trans_w.
 at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes, bool trans_w) {
-  check_common(x, w, "w", group_sizes);
-  check_dim(w, 3, "w");
-  const int64_t T = x.size(0), K = x.size(1), G = w.size(0);
-  const int64_t Kw = trans_w ? w.size(2) : w.size(1);
-  const int64_t N = trans_w ? w.size(1) : w.size(2);
-  TORCH_CHECK(Kw == K, "momoe: x has K = ", K, " features but w",
-              trans_w ? " (trans_w=True, shape (G, N, K))" : " (shape (G, K, N))", " has K = ", Kw, "; x: ", x.sizes(),
-              ", w: ", w.sizes());
-  TORCH_CHECK(group_sizes.size(0) == G, "momoe: group_sizes must have one entry per group of w (G = ", G, "), got ",
-              group_sizes.size(0));
+  const GroupedGemmShape shape =
+      check_grouped_gemm_inputs(x, w, group_sizes, trans_w, check_cuda, on_host_or_device_of(x));
+  const int64_t T = shape.T, K = shape.K, N = shape.N;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor sizes = device_group_sizes(group_sizes, x, T);
   const int64_t Kp = padded(K, x), Np = padded(N, x);
@@ -134,11 +113,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x, const at::Tensor& w, const at:
 // of w. Zero for empty groups.
 at::Tensor grouped_gemm_dw_cuda(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& group_sizes,
                                 bool trans_w) {
-  check_common(x, dy, "dy", group_sizes);
-  check_dim(dy, 2, "dy");
-  const int64_t T = x.size(0);
-  TORCH_CHECK(dy.size(0) == T, "momoe: x and dy must have the same number of rows (T), got x: ", x.sizes(),
-              ", dy: ", dy.sizes());
+  const int64_t T = check_grouped_gemm_dw_inputs(x, dy, group_sizes, check_cuda, on_host_or_device_of(x)).T;
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor sizes = device_group_sizes(group_sizes, x, T);
   // dw[g] = a_g^T @ b_g with (a, b) = (x, dy), or (dy, x) for the (G, N, K) layout.

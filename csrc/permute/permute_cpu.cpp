@@ -1,9 +1,9 @@
-// CPU glue of the permutation ops: validation, allocation, dtype dispatch and parallelism around the
-// torch-free core in permute_kernel.h. Schemas live in csrc/ops.cpp.
+// CPU glue of the permutation ops: input checks (permute_checks.h's, with check_cpu, and id ranges checked
+// here), allocation, dtype dispatch and parallelism around the torch-free core in permute_kernel.h. Schemas
+// live in csrc/ops.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -11,7 +11,7 @@
 #include <cstdlib>
 
 #include "common/c10_types.h"
-#include "common/checks.h"
+#include "permute/permute_checks.h"
 #include "permute/permute_kernel.h"
 
 namespace momoe {
@@ -70,12 +70,6 @@ void dispatch_float(at::ScalarType s, const F& f) {
   }
 }
 
-// A 2-D tensor whose rows are contiguous (any row stride); copies only when the columns are strided.
-at::Tensor with_contiguous_rows(const at::Tensor& t) {
-  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
-  return t.contiguous();
-}
-
 // Throws with the offending value when some id lies outside [0, limit).
 void check_ids_in_range(const at::Tensor& ids, int64_t limit, const char* name, const char* what) {
   int64_t bad = -1;
@@ -90,24 +84,8 @@ void check_ids_in_range(const at::Tensor& ids, int64_t limit, const char* name, 
   }
 }
 
-void check_weight(const c10::optional<at::Tensor>& weight, const at::Tensor& y, int64_t R, const char* y_name) {
-  if (!weight.has_value()) return;
-  const at::Tensor& w = *weight;
-  check_cpu(w, "weight");
-  check_same_device(w, "weight", y, y_name);
-  check_dim(w, 1, "weight");
-  TORCH_CHECK(w.size(0) == R, "momoe: weight must have shape (", R, ",) (one per row of ", y_name, "), got ",
-              w.sizes());
-  TORCH_CHECK(w.scalar_type() == y.scalar_type() || w.scalar_type() == at::kFloat, "momoe: weight must be ",
-              y.scalar_type(), " (like ", y_name, ") or float32, got ", w.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor> sort_by_group(const at::Tensor& group_ids, int64_t num_groups) {
-  check_cpu(group_ids, "group_ids");
-  check_index(group_ids, "group_ids");
-  TORCH_CHECK(group_ids.dim() == 1 || group_ids.dim() == 2,
-              "momoe: group_ids must have shape (T,) or (T, k), got shape ", group_ids.sizes());
-  TORCH_CHECK(num_groups >= 0, "momoe: num_groups must be >= 0, got ", num_groups);
+  check_sort_by_group_inputs(group_ids, num_groups, check_cpu);
   const at::Tensor ids = group_ids.contiguous();
   const int64_t n = ids.numel();
   auto long_opts = group_ids.options().dtype(at::kLong);
@@ -129,13 +107,7 @@ std::tuple<at::Tensor, at::Tensor> sort_by_group(const at::Tensor& group_ids, in
 }
 
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
-  check_cpu(x, "x");
-  check_cpu(index, "index");
-  check_same_device(x, "x", index, "index");
-  check_float(x, "x");
-  check_dim(x, 2, "x");
-  check_index(index, "index");
-  check_dim(index, 1, "index");
+  check_gather_rows_inputs(x, index, check_cpu);
   const at::Tensor idx = index.contiguous();
   check_ids_in_range(idx, x.size(0), "index", "the rows of x");
   const at::Tensor xr = with_contiguous_rows(x);
@@ -154,18 +126,8 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
 
 at::Tensor scatter_rows(const at::Tensor& y, const at::Tensor& index, int64_t num_rows,
                         const c10::optional<at::Tensor>& weight) {
-  check_cpu(y, "y");
-  check_cpu(index, "index");
-  check_same_device(y, "y", index, "index");
-  check_float(y, "y");
-  check_dim(y, 2, "y");
-  check_index(index, "index");
-  check_dim(index, 1, "index");
-  TORCH_CHECK(num_rows >= 0, "momoe: num_rows must be >= 0, got ", num_rows);
+  check_scatter_rows_inputs(y, index, num_rows, weight, check_cpu);
   const int64_t R = y.size(0), D = y.size(1);
-  TORCH_CHECK(index.size(0) == R, "momoe: index must have one entry per row of y (", R, "), got shape ",
-              index.sizes());
-  check_weight(weight, y, R, "y");
   const at::Tensor idx = index.contiguous();
   // CSR of the rows by destination (stable: rows of one destination in ascending r).
   std::vector<int64_t> order(static_cast<size_t>(R)), sizes(static_cast<size_t>(num_rows)),
@@ -201,24 +163,8 @@ at::Tensor scatter_rows(const at::Tensor& y, const at::Tensor& index, int64_t nu
 std::tuple<at::Tensor, at::Tensor> scatter_rows_backward(const at::Tensor& grad_out, const at::Tensor& y,
                                                          const at::Tensor& index,
                                                          const c10::optional<at::Tensor>& weight) {
-  check_cpu(grad_out, "grad_out");
-  check_cpu(y, "y");
-  check_cpu(index, "index");
-  check_same_device(grad_out, "grad_out", y, "y");
-  check_same_device(y, "y", index, "index");
-  check_float(y, "y");
-  check_dim(grad_out, 2, "grad_out");
-  check_dim(y, 2, "y");
-  check_index(index, "index");
-  check_dim(index, 1, "index");
-  TORCH_CHECK(grad_out.scalar_type() == y.scalar_type(), "momoe: grad_out must have y's dtype ", y.scalar_type(),
-              ", got ", grad_out.scalar_type());
+  check_scatter_rows_backward_inputs(grad_out, y, index, weight, check_cpu);
   const int64_t R = y.size(0), D = y.size(1);
-  TORCH_CHECK(grad_out.size(1) == D, "momoe: grad_out must have ", D, " columns (like y), got shape ",
-              grad_out.sizes());
-  TORCH_CHECK(index.size(0) == R, "momoe: index must have one entry per row of y (", R, "), got shape ",
-              index.sizes());
-  check_weight(weight, y, R, "y");
   const at::Tensor idx = index.contiguous();
   check_ids_in_range(idx, grad_out.size(0), "index", "the rows of grad_out");
   const at::Tensor g = with_contiguous_rows(grad_out);

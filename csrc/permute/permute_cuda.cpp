@@ -1,10 +1,11 @@
-// CUDA glue of the permutation ops: input checks (the CPU kernels' messages), allocation and the
-// launches of the torch-free kernels in permute_cuda_kernel.h. Schemas live in csrc/ops.cpp.
+// CUDA glue of the permutation ops: input checks (permute_checks.h's, shared with the CPU glue, with
+// check_cuda, plus the 32-bit id limits), allocation and the launches of the torch-free kernels in
+// permute_cuda_kernel.h. Schemas live in csrc/ops.cpp.
 //
 // Ids are checked on the device, without a host synchronisation (the ops stay asynchronous and can be
 // captured in CUDA graphs): an id out of range fails a device-side assertion naming the op and the
 // argument, and the offending value and position are printed. Everything else (ranks, dtypes, devices,
-// shapes) is checked here with the CPU kernels' messages.
+// shapes) is checked on the host with the CPU kernels' messages.
 //
 // Legend: T tokens, R rows, D features, G groups.
 #include <ATen/ATen.h>
@@ -13,13 +14,12 @@
 
 #include <limits>
 
-#include "common/checks.h"
 #include "common/cuda_glue.h"
+#include "permute/permute_checks.h"
 #include "permute/permute_cuda_kernel.h"
 
 namespace momoe {
 namespace {
-
 
 permute_cuda::IdType id_type(const at::Tensor& ids) {
   switch (ids.scalar_type()) {
@@ -45,26 +45,9 @@ void check_id_limit(int64_t limit, const char* name) {
               limit);
 }
 
-// A 2-D tensor whose rows are contiguous (any row stride); copies only when the columns are strided.
-at::Tensor with_contiguous_rows(const at::Tensor& t) {
-  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
-  return t.contiguous();
-}
-
 permute_cuda::WeightType weight_type(const at::Tensor& w, const at::Tensor& y) {
   if (!w.defined()) return permute_cuda::WeightType::kNone;
   return w.scalar_type() == y.scalar_type() ? permute_cuda::WeightType::kSame : permute_cuda::WeightType::kFloat32;
-}
-
-void check_weight(const c10::optional<at::Tensor>& weight, const at::Tensor& y, int64_t R, const char* y_name) {
-  if (!weight.has_value()) return;
-  const at::Tensor& w = *weight;
-  check_same_device(w, "weight", y, y_name);
-  check_dim(w, 1, "weight");
-  TORCH_CHECK(w.size(0) == R, "momoe: weight must have shape (", R, ",) (one per row of ", y_name, "), got ",
-              w.sizes());
-  TORCH_CHECK(w.scalar_type() == y.scalar_type() || w.scalar_type() == at::kFloat, "momoe: weight must be ",
-              y.scalar_type(), " (like ", y_name, ") or float32, got ", w.scalar_type());
 }
 
 // order: positions of ids (n = ids.numel()) sorted by id, stable; offsets: (G + 1) CSR offsets; sizes (G)
@@ -107,11 +90,7 @@ at::Tensor gather(const at::Tensor& x, const at::Tensor& index, permute_cuda::Id
 }
 
 std::tuple<at::Tensor, at::Tensor> sort_by_group_cuda(const at::Tensor& group_ids, int64_t num_groups) {
-  check_cuda(group_ids, "group_ids");
-  check_index(group_ids, "group_ids");
-  TORCH_CHECK(group_ids.dim() == 1 || group_ids.dim() == 2,
-              "momoe: group_ids must have shape (T,) or (T, k), got shape ", group_ids.sizes());
-  TORCH_CHECK(num_groups >= 0, "momoe: num_groups must be >= 0, got ", num_groups);
+  check_sort_by_group_inputs(group_ids, num_groups, check_cuda);
   check_id_limit(num_groups, "num_groups");
   const c10::cuda::CUDAGuard guard(group_ids.device());
   const at::Tensor ids = group_ids.contiguous();
@@ -124,30 +103,16 @@ std::tuple<at::Tensor, at::Tensor> sort_by_group_cuda(const at::Tensor& group_id
 }
 
 at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
-  check_same_device(x, "x", index, "index");
-  check_cuda(x, "x");
-  check_float(x, "x");
-  check_dim(x, 2, "x");
-  check_index(index, "index");
-  check_dim(index, 1, "index");
+  check_gather_rows_inputs(x, index, check_cuda);
   const c10::cuda::CUDAGuard guard(x.device());
   return gather(x, index, permute_cuda::IdCheck::kGatherRows);
 }
 
 at::Tensor scatter_rows_cuda(const at::Tensor& y, const at::Tensor& index, int64_t num_rows,
                              const c10::optional<at::Tensor>& weight) {
-  check_same_device(y, "y", index, "index");
-  check_cuda(y, "y");
-  check_float(y, "y");
-  check_dim(y, 2, "y");
-  check_index(index, "index");
-  check_dim(index, 1, "index");
-  TORCH_CHECK(num_rows >= 0, "momoe: num_rows must be >= 0, got ", num_rows);
+  check_scatter_rows_inputs(y, index, num_rows, weight, check_cuda);
   check_id_limit(num_rows, "num_rows");
   const int64_t R = y.size(0), D = y.size(1);
-  TORCH_CHECK(index.size(0) == R, "momoe: index must have one entry per row of y (", R, "), got shape ",
-              index.sizes());
-  check_weight(weight, y, R, "y");
   const c10::cuda::CUDAGuard guard(y.device());
   // CSR of the rows by destination: rows of one destination in ascending order.
   auto long_opts = y.options().dtype(at::kLong);
@@ -175,22 +140,8 @@ at::Tensor scatter_rows_cuda(const at::Tensor& y, const at::Tensor& index, int64
 std::tuple<at::Tensor, at::Tensor> scatter_rows_backward_cuda(const at::Tensor& grad_out, const at::Tensor& y,
                                                               const at::Tensor& index,
                                                               const c10::optional<at::Tensor>& weight) {
-  check_same_device(grad_out, "grad_out", y, "y");
-  check_same_device(y, "y", index, "index");
-  check_cuda(y, "y");
-  check_float(y, "y");
-  check_dim(grad_out, 2, "grad_out");
-  check_dim(y, 2, "y");
-  check_index(index, "index");
-  check_dim(index, 1, "index");
-  TORCH_CHECK(grad_out.scalar_type() == y.scalar_type(), "momoe: grad_out must have y's dtype ", y.scalar_type(),
-              ", got ", grad_out.scalar_type());
+  check_scatter_rows_backward_inputs(grad_out, y, index, weight, check_cuda);
   const int64_t R = y.size(0), D = y.size(1);
-  TORCH_CHECK(grad_out.size(1) == D, "momoe: grad_out must have ", D, " columns (like y), got shape ",
-              grad_out.sizes());
-  TORCH_CHECK(index.size(0) == R, "momoe: index must have one entry per row of y (", R, "), got shape ",
-              index.sizes());
-  check_weight(weight, y, R, "y");
   const c10::cuda::CUDAGuard guard(y.device());
   if (!weight.has_value()) {
     return {gather(grad_out, index, permute_cuda::IdCheck::kScatterRowsBackward),

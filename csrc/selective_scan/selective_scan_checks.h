@@ -10,7 +10,6 @@
 // The decode step drops L: x, dt, z `(batch, dim)`, B, C `(batch, N)` or `(batch, G, N)`, modality `(batch,)`.
 #pragma once
 #include <ATen/ATen.h>
-#include <c10/util/FunctionRef.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -20,9 +19,6 @@
 #include "common/checks.h"
 
 namespace momoe {
-
-// A backend's device check of one named input (check_cpu, or the CUDA glue's same-device check).
-using DeviceCheck = c10::function_ref<void(const at::Tensor&, const char*)>;
 
 // Sizes of a scan: B and C hold G groups of N states (G = 1 and grouped = false for (batch, N, L));
 // M = 1 without modality.
