@@ -1,6 +1,9 @@
 """The `momoe` command line: a thin layer over the library.
 
-momoe demo | train | eval | generate | info | compare | merge | ops | convert  (`momoe <command> -h`)
+momoe demo | train | eval | generate | info | compare | merge | ops | convert | consolidate  (`momoe <command> -h`)
+
+`momoe train` runs unchanged under `torchrun --nproc-per-node N -m momoe train ... [--parallel ddp|fsdp|ep]`
+(docs/distributed.md).
 """
 import argparse
 import dataclasses
@@ -14,6 +17,7 @@ import momoe
 from momoe import demo
 from momoe.checkpoint import load_json
 from momoe.data import load_dataset, load_tokenizer
+from momoe.distributed import STRATEGIES, consolidate
 from momoe.models import build_model, from_pretrained
 from momoe.train import (
     TrainConfig,
@@ -26,12 +30,15 @@ from momoe.train import (
     parse_prompt,
     save_continuation,
 )
-from momoe.train.checkpointing import STATE_JSON, latest_checkpoint, read_training_state, resolve_checkpoint
+from momoe.train.checkpointing import (STATE_JSON, is_distributed_checkpoint, latest_checkpoint, read_training_state,
+                                       resolve_checkpoint, resolve_model)
 from momoe.train.compare import compare_models, flops_per_step, format_comparison, modality_mix, save_comparison
 from momoe.train.info import format_info, model_info
 from momoe.train.merging import merged_model
+from momoe.train.parallel import Parallel, start_parallel, stop_parallel
 from momoe.train.specs import FAMILIES, family_config, fit_to_vocab, load_model_config
 from momoe.train.table import format_table
+from momoe.train.trainer import resumed_config
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -84,7 +91,7 @@ def checkpoint_dataset(folder: str) -> str:
 
 def load_checkpoint(path: str, device: str):
     """(model folder, model on device) of a checkpoint or run folder."""
-    folder = resolve_checkpoint(path)
+    folder = resolve_model(path)
     return folder, from_pretrained(folder).to(device)
 
 
@@ -94,13 +101,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    parallel = start_parallel(args.parallel, args.ep_size, args.device)
+    try:
+        train_run(args, parallel)
+    finally:  # a failing rank leaves the job at once (torchrun then stops the others)
+        stop_parallel()
+
+
+def train_run(args: argparse.Namespace, parallel: Parallel) -> None:
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
     latest = latest_checkpoint(args.out) if args.resume else None
     if args.resume and latest is None:
         raise ValueError(f"momoe: --resume: {args.out} has no checkpoint to resume from")
     if latest is not None:
         state, _ = read_training_state(latest)
-        config = TrainConfig.from_dict({**state["train_config"], **given})
+        config = resumed_config(state, given, parallel.world_size)
         dataset = args.dataset or state.get("metadata", {}).get("dataset", "builtin")
     else:
         config = TrainConfig(**given)
@@ -110,19 +125,24 @@ def cmd_train(args: argparse.Namespace) -> None:
     if latest is not None:
         model = build_model(load_model_config(latest))  # the weights come with trainer.resume
     elif args.init:
-        model = from_pretrained(resolve_checkpoint(args.init))
+        model = from_pretrained(resolve_model(args.init))
         data.vocab.check_model(model.config.vocab_size, model.config.modalities)
     else:
         model = build_model(model_config(args, data.vocab))
-    model.to(args.device)
+    model.to(parallel.device if parallel.strategy else args.device or "cpu")
     name = os.path.basename(os.path.normpath(args.out))
     trainer = Trainer(model, data, config, out_dir=args.out, name=name, progress=not args.quiet,
-                      metadata={"dataset": dataset})
+                      metadata={"dataset": dataset}, parallel=parallel)
     if latest is not None:
-        print(f"momoe: resuming from {trainer.resume(latest)}")
+        resumed = trainer.resume(latest)
+        if parallel.is_main:
+            print(f"momoe: resuming from {resumed}")
+    if parallel.is_main and parallel.strategy:
+        print(f"momoe: training on {parallel.world_size} processes ({parallel.strategy}, {parallel.device.type}), "
+              f"{config.batch_size} rows per process and micro-batch")
     records = trainer.fit()
     last = records[-1] if records else None
-    if last is not None:
+    if last is not None and parallel.is_main:
         per = ", ".join(f"{m} {v:.3f}" for m, v in last["loss_per_modality"].items())
         print(f"momoe: {trainer.step} updates, loss {last['loss']:.3f} ({per}); run folder {args.out}")
 
@@ -242,6 +262,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"momoe: wrote {args.dst} ({args.to} layout, {model.num_parameters():,} parameters)")
 
 
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    source = resolve_checkpoint(args.src)
+    if not is_distributed_checkpoint(source):
+        raise ValueError(f"momoe: {source} is not a distributed checkpoint; it loads with momoe.from_pretrained as is")
+    consolidate(source, args.dst)
+    print(f"momoe: wrote {args.dst} (config.json + model.safetensors) from {source}")
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="momoe", description="momoe: modality-aware sparse model zoo")
@@ -272,7 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
     train.add_argument("--train-aux-routers", action="store_true", default=None,
                        help="also train MoMa/MoD auxiliary routers (for causal decoding)")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default=None,
+                       help="cpu (default) or cuda; under torchrun: cuda:LOCAL_RANK with NCCL when CUDA is "
+                            "available, else the CPU with gloo")
+    train.add_argument("--parallel", choices=STRATEGIES, default=None,
+                       help="strategy over torchrun's processes (default ddp when WORLD_SIZE > 1): ddp, fsdp (FSDP2) "
+                            "or ep (MoMa expert parallelism); fsdp/ep write distributed checkpoints")
+    train.add_argument("--ep-size", type=int, default=1, help="processes per expert-parallel group (--parallel ep)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -345,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", metavar="DST", help="output folder")
     convert.add_argument("--to", required=True, choices=["momoe", "mamba-ssm", "hf"], help="layout to write")
     convert.set_defaults(func=cmd_convert)
+    consolidation = sub.add_parser("consolidate", help="a distributed checkpoint (momoe train --parallel fsdp|ep) "
+                                                       "-> config.json + model.safetensors")
+    consolidation.add_argument("src", metavar="DCP_DIR",
+                               help="distributed checkpoint folder, or a run folder (its latest checkpoint)")
+    consolidation.add_argument("dst", metavar="OUT_DIR", help="output folder, loadable by momoe.from_pretrained")
+    consolidation.set_defaults(func=cmd_consolidate)
     return parser
 
 

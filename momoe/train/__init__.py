@@ -18,7 +18,8 @@ API overview (the `momoe` command line is a thin layer over these)::
   `generation` constrained mixed-modal continuation, PNG/WAV output; `png` stdlib PNG files;
   `plot` loss curves (matplotlib, optional); `specs` model configs from cards, files or families;
   `info` parameters and FLOPs; `merging` linear merges and the data-mixture search; `compare`
-  equal-FLOPs comparisons and the dense-FLOPs efficiency; `table` text tables.
+  equal-FLOPs comparisons and the dense-FLOPs efficiency; `table` text tables; `parallel` the trainer
+  under torchrun (`start_parallel`, DDP / FSDP2 / expert parallelism, distributed checkpoints).
 """
 from momoe.train.checkpointing import latest_checkpoint, resolve_checkpoint
 from momoe.train.compare import compare_models, dense_flops_to_reach
@@ -27,6 +28,7 @@ from momoe.train.evaluation import EvalResult, evaluate
 from momoe.train.generation import SpanGrammar, continue_document, parse_prompt, save_continuation
 from momoe.train.info import model_info
 from momoe.train.merging import linear_merge, load_checkpoints, mixture_search, simplex_grid
+from momoe.train.parallel import Parallel, start_parallel, stop_parallel
 from momoe.train.schedule import WarmupCosine
 from momoe.train.specs import FAMILIES, family_config, fit_to_vocab, load_model_config
 from momoe.train.trainer import Trainer
@@ -34,6 +36,7 @@ from momoe.train.trainer import Trainer
 __all__ = [
     "FAMILIES",
     "EvalResult",
+    "Parallel",
     "SpanGrammar",
     "TrainConfig",
     "Trainer",
@@ -54,4 +57,6 @@ __all__ = [
     "resolve_checkpoint",
     "save_continuation",
     "simplex_grid",
+    "start_parallel",
+    "stop_parallel",
 ]

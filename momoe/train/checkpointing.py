@@ -8,6 +8,10 @@ generators, written atomically; a run folder points at its latest checkpoint.
     training_state.safetensors       optimizer moments, random generator states (tensors)
     training_state.json              step, tokens seen, settings, schedule, loader position, the rest
 ```
+Runs sharded over ranks (`momoe train --parallel fsdp|ep`) hold the model and the optimizer as a
+torch.distributed.checkpoint instead (.metadata, *.distcp, config.json, optimizer.json, state.json:
+momoe.distributed.save_distributed) beside the same training_state files; `momoe consolidate` turns
+one into config.json + model.safetensors.
 
 A checkpoint is written into a temporary folder beside its final place and renamed into place when
 complete; latest.json is replaced (atomically) after that. A failure or a kill at any point leaves the
@@ -22,6 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from momoe.checkpoint import CONFIG_NAME, CheckpointError, load_json, load_weights, save_json, save_weights
+from momoe.distributed.checkpoint import METADATA_NAME
 from momoe.models.modeling_utils import PreTrainedModel
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -37,20 +42,39 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def prepare_checkpoints_dir(run_dir: str) -> str:
+    """Create run_dir/checkpoints (without the leftovers of a write that was killed); returns it."""
+    folder = os.path.join(run_dir, CHECKPOINTS_DIR)
+    os.makedirs(folder, exist_ok=True)
+    for entry in os.listdir(folder):
+        if entry.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+    return folder
+
+
 def write_checkpoint(run_dir: str, step: int, model: PreTrainedModel, state: Mapping[str, Any],
                      tensors: Mapping[str, torch.Tensor], keep: int = 2) -> str:
     """Write checkpoint `step` of a run (model, JSON `state`, `tensors`), point latest.json at it and
     delete all but the `keep` most recent checkpoints. Returns the checkpoint folder."""
-    folder = os.path.join(run_dir, CHECKPOINTS_DIR)
-    os.makedirs(folder, exist_ok=True)
-    for entry in os.listdir(folder):  # leftovers of a write that was killed
-        if entry.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
-    name = checkpoint_name(step)
-    final = os.path.join(folder, name)
-    tmp = tempfile.mkdtemp(dir=folder, prefix=f".tmp-{name}-")
+    folder = prepare_checkpoints_dir(run_dir)
+    tmp = tempfile.mkdtemp(dir=folder, prefix=f".tmp-{checkpoint_name(step)}-")
     try:
         model.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_checkpoint(run_dir, step, tmp, state, tensors, keep)
+
+
+def finish_checkpoint(run_dir: str, step: int, tmp: str, state: Mapping[str, Any],
+                      tensors: Mapping[str, torch.Tensor], keep: int = 2) -> str:
+    """Add the training state (JSON `state`, `tensors`) to the model files in `tmp` (a folder in
+    run_dir/checkpoints), rename it into place as checkpoint `step`, point latest.json at it and delete
+    all but the `keep` most recent checkpoints. Returns the checkpoint folder."""
+    folder = os.path.join(run_dir, CHECKPOINTS_DIR)
+    name = checkpoint_name(step)
+    final = os.path.join(folder, name)
+    try:
         save_weights(dict(tensors), os.path.join(tmp, STATE_TENSORS))
         save_json({"format": STATE_FORMAT, "version": STATE_VERSION, "step": step, **state},
                   os.path.join(tmp, STATE_JSON))
@@ -95,6 +119,20 @@ def resolve_checkpoint(path: str) -> str:
         raise CheckpointError(f"momoe: {path} is neither a checkpoint (no {CONFIG_NAME}) nor a training run "
                               f"(no {LATEST_FILE})")
     return latest
+
+
+def resolve_model(path: str) -> str:
+    """resolve_checkpoint, refusing a distributed checkpoint (its model loads after `momoe consolidate`)."""
+    folder = resolve_checkpoint(path)
+    if is_distributed_checkpoint(folder):
+        raise CheckpointError(f"momoe: {folder} is a distributed checkpoint; turn it into a model first with "
+                              f"`momoe consolidate {folder} OUT_DIR`")
+    return folder
+
+
+def is_distributed_checkpoint(path: str) -> bool:
+    """Whether checkpoint folder `path` holds its model as a torch.distributed.checkpoint."""
+    return os.path.isfile(os.path.join(path, METADATA_NAME))
 
 
 def read_training_state(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ import torch
 
 from momoe.data import Batch
 from momoe.models.modeling_utils import IGNORE_INDEX, ModelOutput
+from momoe.train.parallel import sum_over_ranks
 
 
 def targets_per_modality(batch: Batch, num_modalities: int) -> torch.Tensor:
@@ -38,6 +39,12 @@ class LossTally:
             if counts[m]:
                 self.sums[m] += out.loss_per_modality[name].item() * counts[m]
                 self.counts[m] += counts[m]
+
+    def all_reduce(self) -> None:
+        """Sum the tallies of every rank into each rank's (a collective; nothing to do on one process)."""
+        total = sum_over_ranks(self.sums + self.counts)
+        self.sums = total[:len(self.names)]
+        self.counts = [round(c) for c in total[len(self.names):]]
 
     @property
     def num_targets(self) -> int:
