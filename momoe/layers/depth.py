@@ -252,45 +252,53 @@ class MixtureOfDepths(nn.Module):
 
     def forward(self, block: BlockFn, x: torch.Tensor, modality_ids: torch.Tensor,
                 routing: Optional[ModalityRouting], positions: torch.Tensor, cache: Optional[DepthCache],
-                ctx: RoutingContext, name: str) -> torch.Tensor:
+                ctx: RoutingContext, name: str, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """block: the routed computation; x: (B, L, D); modality_ids: (B, L); routing: all B * L tokens
-        sorted by modality (or None); positions: (L,) absolute positions; cache: extended in place;
-        name: the key of the router statistics in ctx. Returns (B, L, D)."""
+        sorted by modality (or None); positions: (L,) or (B, L) positions; cache: extended in place;
+        name: the key of the router statistics in ctx; attn_mask: (B, L, L) keys each query may see
+        besides causality (packed documents; not with a cache). Returns (B, L, D)."""
         decision = self.router(x, self.routable(modality_ids), ctx, capacity=self.capacity)
         ctx.stats[f"{name}.depth"] = decision.stats()
         if cache is not None or ctx.causal:
-            y = self.forward_masked(block, x, modality_ids, routing, positions, decision, cache, ctx)
+            y = self.forward_masked(block, x, modality_ids, routing, positions, decision, cache, ctx, attn_mask)
         else:
-            y = self.forward_gathered(block, x, modality_ids, positions, decision, ctx)
+            y = self.forward_gathered(block, x, modality_ids, positions, decision, ctx, attn_mask)
         if self.weighting == "symmetric":  # STRing: skipped routable tokens are scaled by their gate too
             skipped = (decision.routable & ~decision.selected)[..., None]
             y = torch.where(skipped, (x * decision.gate[..., None]).to(x.dtype), y)
         return y
 
     def forward_gathered(self, block: BlockFn, x: torch.Tensor, modality_ids: torch.Tensor, positions: torch.Tensor,
-                         decision: DepthRouting, ctx: RoutingContext) -> torch.Tensor:
+                         decision: DepthRouting, ctx: RoutingContext,
+                         attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, L, D = x.shape
         index, valid = gather_selected(decision.selected)  # (B, K)
         K = index.shape[1]
         flat = (index + L * torch.arange(B, device=x.device)[:, None]).reshape(-1)  # (B * K,)
         xs = gather_rows(x.reshape(B * L, D), flat).view(B, K, D)
         mod_s = modality_ids.gather(1, index)
+        pos_s = positions[index] if positions.dim() == 1 else positions.gather(1, index)
         routing_s = ModalityRouting.from_ids(mod_s, self.num_modalities) if self.sorts_by_modality else None
         mask = None
+        if attn_mask is not None:  # the chosen tokens' rows and columns of the documents' mask
+            mask = attn_mask.gather(1, index[:, :, None].expand(B, K, L)).gather(2, index[:, None, :].expand(B, K, K))
         if not bool(valid.all()):
-            mask = valid[:, None, :] | torch.eye(K, dtype=torch.bool, device=x.device)  # (B, K, K)
+            mask = valid[:, None, :].expand(B, K, K) if mask is None else mask & valid[:, None, :]
+        if mask is not None:
+            mask = mask | torch.eye(K, dtype=torch.bool, device=x.device)  # (B, K, K): no empty softmax row
         weights = decision.weights.gather(1, index)  # (B, K)
         if self.weighting == "block":
-            update = block(xs, mod_s, routing_s, positions[index], attn_mask=mask, ctx=ctx) - xs
+            update = block(xs, mod_s, routing_s, pos_s, attn_mask=mask, ctx=ctx) - xs
         else:
-            update = block(xs, mod_s, routing_s, positions[index], attn_mask=mask, ctx=ctx, ffn_scale=weights) - xs
+            update = block(xs, mod_s, routing_s, pos_s, attn_mask=mask, ctx=ctx, ffn_scale=weights) - xs
             weights = torch.ones_like(weights)
         weights = (weights * valid).reshape(-1)
         return x + scatter_rows(update.reshape(B * K, D), flat, B * L, weight=weights).view(B, L, D).to(x.dtype)
 
     def forward_masked(self, block: BlockFn, x: torch.Tensor, modality_ids: torch.Tensor,
                        routing: Optional[ModalityRouting], positions: torch.Tensor, decision: DepthRouting,
-                       cache: Optional[DepthCache], ctx: RoutingContext) -> torch.Tensor:
+                       cache: Optional[DepthCache], ctx: RoutingContext,
+                       attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, L, _ = x.shape
         keys = decision.selected
         if cache is not None and cache.selected is not None:
@@ -298,7 +306,8 @@ class MixtureOfDepths(nn.Module):
         T = keys.shape[1]
         own = torch.zeros(L, T, dtype=torch.bool, device=x.device)
         own[torch.arange(L), torch.arange(T - L, T)] = True  # every query sees itself: no empty softmax row
-        mask = keys[:, None, :] | own  # (B, L, T)
+        mask = keys[:, None, :] if attn_mask is None else keys[:, None, :] & attn_mask
+        mask = mask | own  # (B, L, T)
         kv = None if cache is None else cache.kv
         if self.weighting == "block":
             out = block(x, modality_ids, routing, positions, cache=kv, attn_mask=mask, ctx=ctx)

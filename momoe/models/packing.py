@@ -3,7 +3,9 @@
 Models whose time mixing must not cross documents (the Mamba scan and conv) run the documents as
 rows of their own: `unpack` gathers each document into a row of a (num_docs, max_len) batch,
 `repack` puts per-token results back. Padding sits after each document, where causal models never
-look.
+look. Attention models keep the packed rows instead (`document_attention`): positions restart at
+each document and a block-diagonal mask keeps attention inside it, so no padding is added (and
+batch-level routing decisions see exactly the real tokens).
 """
 import dataclasses
 
@@ -57,3 +59,16 @@ class Documents:
         out = y.new_empty(B * L, *y.shape[2:])
         out[self.index[self.valid]] = y[self.valid]
         return out.reshape(B, L, *y.shape[2:])
+
+
+def document_attention(seq_idx: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    """seq_idx: (B, L) non-decreasing document ids -> positions (B, L) within each document, mask
+    (B, L, L) bool (True where query and key are in the same document; causality is the attention's),
+    starts (B, L) bool (True at the first token of each document)."""
+    Documents.from_seq_idx(seq_idx)  # validates
+    B, L = seq_idx.shape
+    starts = torch.ones(B, L, dtype=torch.bool, device=seq_idx.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    t = torch.arange(L, device=seq_idx.device).expand(B, L)
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - first, seq_idx[:, :, None] == seq_idx[:, None, :], starts

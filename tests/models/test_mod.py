@@ -75,3 +75,14 @@ def test_packed_documents_with_causal_routing_equal_separate_documents():
     packed = model(ids, mod, seq_idx=seq_idx, causal_routing=True).logits
     assert_close("doc 0", model(ids[:, :5], mod[:, :5], causal_routing=True).logits, packed[:, :5], **TOL)
     assert_close("doc 1", model(ids[:, 5:], mod[:, 5:], causal_routing=True).logits, packed[:, 5:], **TOL)
+
+
+def test_packed_documents_stay_apart_in_the_gathered_path():
+    """Packed rows keep their documents apart with a mask and restarted positions (no padding): with every
+    token processed (capacity 1), the gathered path gives each document what it gets alone."""
+    model = mod_model(1.0, split=True)
+    ids, mod = batch(model.config, B=1, L=12)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7])
+    packed = model(ids, mod, seq_idx=seq_idx).logits
+    assert_close("doc 0", model(ids[:, :5], mod[:, :5]).logits, packed[:, :5], **TOL)
+    assert_close("doc 1", model(ids[:, 5:], mod[:, 5:]).logits, packed[:, 5:], **TOL)

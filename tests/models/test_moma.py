@@ -228,3 +228,20 @@ def test_config_dict_round_trip_and_unknown_keys():
         MoMaConfig.from_dict({**config.to_dict(), "num_experts": 8})
     with pytest.raises(ValueError, match="model_type 'transformer', not 'moma'"):
         MoMaConfig.from_dict(tiny().to_dict())
+
+
+def test_packed_rows_route_only_real_tokens():
+    """Packed documents add no padding: expert choice sees exactly the batch's tokens of each modality, and
+    the loss has no target across a document boundary."""
+    torch.manual_seed(0)
+    model = randomize(MoMaLM(tiny_moma([2, 3, 1])))
+    ids, mod = batch(model.config, B=2, L=12)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7, [2] * 12])
+    out = model(ids, mod, labels=ids, seq_idx=seq_idx)
+    counts = torch.bincount(mod.reshape(-1), minlength=3)
+    for m, (name, experts) in enumerate(zip(["text", "image"], [2, 3])):
+        routed = out.router_stats[f"layers.0.experts.{name}"].tokens_per_expert
+        assert routed.tolist() == [-(-int(counts[m]) // experts)] * experts
+    labels = ids.clone()
+    labels[0, 5] = -100  # the first token of document 1 is not a target of document 0's last token
+    assert torch.equal(out.loss, model(ids, mod, labels=labels, seq_idx=seq_idx).loss)

@@ -145,3 +145,26 @@ def test_bad_input(data_root, single, fsdp, tmp_path):
                       momoe.train.parallel.Parallel(world_size=3))
     with pytest.raises(SystemExit, match="not a distributed checkpoint"):
         cli.main(["consolidate", single, str(tmp_path / "y")])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known issue: under momoe train --parallel ep the first loss equals one process's (the "
+                          "forward is exact) but the updates differ (losses ~1e-4 apart from step 2 on, with or "
+                          "without clipping); momoe.distributed's own EP training test matches, so the difference "
+                          "is in how the trainer combines EP gradients")
+@pytest.mark.parametrize("clip", ["0", "1.0"], ids=["no-clip", "clip"])
+def test_expert_parallel_matches_single_process(data_root, tmp_path, clip):
+    """MoMa with its experts split over 2 ranks (expert choice over both ranks' rows) trains exactly as one
+    process on the whole batch: packed rows carry no padding, so both see the same tokens."""
+    def moma_args(out, *extra):
+        args = model_args(data_root, out, *extra)
+        args[args.index("mot")] = "moma"
+        return args + ["--experts", "2", "--clip", clip]
+
+    cli.main(["train", *moma_args(tmp_path / "single", "--batch-size", ROWS)])
+    code, out = torchrun(moma_args(tmp_path / "ep", "--batch-size", ROWS // WORLD, "--parallel", "ep",
+                                   "--ep-size", WORLD))
+    assert code == 0, out[-3000:]
+    ep, single = losses(tmp_path / "ep"), losses(tmp_path / "single")
+    assert ep[0] == pytest.approx(single[0], abs=1e-5)  # the forward is exact (no padding in packed rows)
+    assert ep == pytest.approx(single, abs=1e-5)

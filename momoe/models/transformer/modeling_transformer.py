@@ -18,7 +18,8 @@ from momoe.layers.ffn import SwiGLU
 from momoe.layers.modality_linear import ModalityRouting
 from momoe.layers.modality_norm import ModalityRMSNorm
 from momoe.layers.routers import RoutingContext
-from momoe.models.modeling_utils import ModelOutput, PreTrainedModel, check_inputs, modality_routing
+from momoe.models.modeling_utils import IGNORE_INDEX, ModelOutput, PreTrainedModel, check_inputs, modality_routing
+from momoe.models.packing import document_attention
 from momoe.models.transformer.configuration_transformer import TransformerConfig
 
 
@@ -57,12 +58,14 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor, routing: Optional[ModalityRouting],
                 positions: torch.Tensor, cache: Optional[Union[KVCache, DepthCache]] = None,
-                ctx: Optional[RoutingContext] = None) -> torch.Tensor:
-        """x: (B, L, D); positions: (L,) absolute positions; cache: extended in place."""
+                ctx: Optional[RoutingContext] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, L, D); positions: (L,) or (B, L) positions; cache: extended in place; attn_mask: (B, L, L)
+        keys each query may see besides causality (packed documents)."""
         ctx = RoutingContext() if ctx is None else ctx
         if self.depth is None:
-            return self.process(x, modality_ids, routing, positions, cache=cache, ctx=ctx)
-        return self.depth(self.process, x, modality_ids, routing, positions, cache, ctx, name=self.name)
+            return self.process(x, modality_ids, routing, positions, cache=cache, attn_mask=attn_mask, ctx=ctx)
+        return self.depth(self.process, x, modality_ids, routing, positions, cache, ctx, name=self.name,
+                          attn_mask=attn_mask)
 
     def process(self, x: torch.Tensor, modality_ids: torch.Tensor, routing: Optional[ModalityRouting],
                 positions: torch.Tensor, cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None,
@@ -166,20 +169,26 @@ class TransformerLM(PreTrainedModel):
         auxiliary routers. train_aux_routers=True adds the auxiliary routers' BCE against the batch
         decisions to aux_loss (their second training stage)."""
         modality_ids = check_inputs(input_ids, modality_ids, labels)
+        attn_mask = None
         if seq_idx is not None:
             if cache is not None or return_cache:
                 raise ValueError("momoe: seq_idx (packed documents) cannot be combined with a decoding cache")
-            return self.forward_documents(input_ids, modality_ids, labels, seq_idx, causal_routing=causal_routing,
-                                          train_aux_routers=train_aux_routers)
+            if seq_idx.shape != input_ids.shape:
+                raise ValueError(f"momoe: seq_idx {tuple(seq_idx.shape)} must match input_ids {tuple(input_ids.shape)}")
+            positions, attn_mask, starts = document_attention(seq_idx)
+            if labels is not None:  # a document's last token does not predict the next document's first
+                labels = labels.masked_fill(starts, IGNORE_INDEX)
         if cache is None and return_cache:
             cache = self.empty_cache()
         ctx = RoutingContext(causal=causal_routing or cache is not None, train_aux_routers=train_aux_routers)
         routing = modality_routing(modality_ids, self.config.num_modalities, self.sorts_by_modality)
-        start = 0 if cache is None else cache.seen
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        if seq_idx is None:
+            start = 0 if cache is None else cache.seen
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.embedding(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, modality_ids, routing, positions, cache=None if cache is None else cache.layers[i], ctx=ctx)
+            x = layer(x, modality_ids, routing, positions, cache=None if cache is None else cache.layers[i], ctx=ctx,
+                      attn_mask=attn_mask)
         logits = self.lm_head(self.norm_f(x, modality_ids))
         return self.lm_output(logits, modality_ids, labels, ctx.total_aux_loss(logits), ctx.stats, cache,
                               new_tokens=input_ids.shape[1], return_cache=return_cache)
