@@ -64,6 +64,10 @@ bench: $(STAMP)
 		cat benchmarks/results/bench_ops_cpu_system_allocator.txt
 	$(PY) -m benchmarks.bench_mamba --json benchmarks/results/bench_mamba_cpu.json > benchmarks/results/bench_mamba_cpu.txt && \
 		cat benchmarks/results/bench_mamba_cpu.txt
+	$(PY) -m benchmarks.bench_models --batch 8 --json benchmarks/results/bench_models_cpu.json > benchmarks/results/bench_models_cpu.txt && \
+		cat benchmarks/results/bench_models_cpu.txt
+	$(PY) -m benchmarks.bench_distributed --json benchmarks/results/bench_distributed_cpu.json > benchmarks/results/bench_distributed_cpu.txt && \
+		cat benchmarks/results/bench_distributed_cpu.txt
 
 wheel: $(PY)
 	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .

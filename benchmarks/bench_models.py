@@ -45,22 +45,26 @@ def bench(args) -> List[Dict[str, object]]:
     built = {name: momoe.build_model(cfg) for name, cfg in cfgs.items()}
     train = measure_interleaved({name: train_step_fn(m, ids, mod) for name, m in built.items()},
                                 warmup=2, repeat=args.repeat)
+    fwd_bwd = measure_interleaved({name: train_step_fn(m, ids, mod, optimizer=False) for name, m in built.items()},
+                                  warmup=1, repeat=args.repeat)
     rows = []
     for name, model in built.items():
         counts = momoe.count_parameters(model)
         flops = momoe.flops_per_token(cfgs[name], args.seqlen)["text"]
         rows.append({
             "model": name, "params": counts["total"], "active (text)": counts["active_per_token"]["text"],
-            "train MFLOP/token": flops / 1e6, "step ms": train[name] * 1e3,
+            "train MFLOP/token": flops / 1e6, "fwd+bwd ms": fwd_bwd[name] * 1e3, "step ms": train[name] * 1e3,
             "tokens/s": ids.numel() / train[name], "GFLOP/s": flops * ids.numel() / train[name] / 1e9,
         })
-    ratio = train["MoMa 4t4i4s"] / train["dense"]
-    rows.append({"model": "MoMa 4t4i4s / dense step time", "step ms": ratio,
+    ratio, model_ratio = train["MoMa 4t4i4s"] / train["dense"], fwd_bwd["MoMa 4t4i4s"] / fwd_bwd["dense"]
+    rows.append({"model": "MoMa 4t4i4s / dense", "fwd+bwd ms": model_ratio, "step ms": ratio,
                  "tokens/s": "target <= 1.15x: " + ("PASS" if ratio <= 1.15 else "MISS")})
-    cols = ["model", "params", "active (text)", "train MFLOP/token", "step ms", "tokens/s", "GFLOP/s"]
-    print_table(f"Transformer family training step (forward, backward, AdamW): d_model={args.d_model} "
-                f"n_layer={args.n_layer} batch={args.batch} seqlen={args.seqlen} vocab={args.vocab}; "
-                f"MoD every other layer at capacity {args.mod_capacity}", cols, rows)
+    cols = ["model", "params", "active (text)", "train MFLOP/token", "fwd+bwd ms", "step ms", "tokens/s", "GFLOP/s"]
+    print_table(f"Transformer family training step (forward, backward, AdamW over all parameters): "
+                f"d_model={args.d_model} n_layer={args.n_layer} batch={args.batch} seqlen={args.seqlen} "
+                f"vocab={args.vocab}; MoD every other layer at capacity {args.mod_capacity}. The step's AdamW "
+                f"update touches every parameter (MoMa 4t4i4s has 7x the dense model's), the fwd+bwd column "
+                f"does not", cols, rows)
     return rows
 
 

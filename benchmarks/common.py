@@ -122,15 +122,17 @@ def interleaved_batch(B: int, L: int, vocab: int, gen: torch.Generator,
     return ids, mod
 
 
-def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, mod: torch.Tensor):
-    """One optimizer step: forward, backward, AdamW (fused, as a user would run it)."""
+def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, mod: torch.Tensor, optimizer: bool = True):
+    """One optimizer step: forward, backward, AdamW (fused, as a user would run it); optimizer=False:
+    forward and backward only (what the model costs, without the update of every parameter)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
         loss = model(ids, mod, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if optimizer:
+            opt.step()
 
     return step
 
