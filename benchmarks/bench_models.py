@@ -1,6 +1,7 @@
 """Transformer-family training steps on the CPU, side by side in one run: dense early fusion,
 Mixture-of-Transformers, MoMa (1t1i, 4t4i; expert choice in modality groups on grouped GEMMs), MoMa
-with mixture-of-depths, and a dense MoD transformer.
+with mixture-of-depths, a dense MoD transformer, and Mixture-of-Recursions (one shared middle layer,
+expert-choice recursion depths).
 
 All models share d_model, depth and heads; a MoMa expert has the dense FFN's size and capacity factor 1,
 so MoMa 4t4i does the dense model's FLOPs per token (plus its routers). Columns: training FLOPs per
@@ -17,7 +18,7 @@ import torch
 import momoe
 from benchmarks.common import (add_model_arguments, interleaved_batch, measure_interleaved, print_table, run_benchmark,
                                train_step_fn)
-from momoe.models import MoMaConfig, TransformerConfig
+from momoe.models import MoMaConfig, MoRConfig, TransformerConfig
 
 MODALITIES = ["text", "image", "speech"]
 
@@ -34,6 +35,9 @@ def configs(args) -> Dict[str, TransformerConfig]:
         "MoMa 4t4i4s + MoD": MoMaConfig(experts_per_modality=[4, 4, 4], mod_layers=every_other,
                                         mod_capacity=args.mod_capacity, **base),
         "dense + MoD": TransformerConfig(mod_layers=every_other, mod_capacity=args.mod_capacity, **base),
+        # the first and last layer, and one shared layer applied n_layer - 2 times (capacities (N - r) / N)
+        "MoR": MoRConfig(num_recursions=args.n_layer - 2, recursion_layers=1, n_kv_heads=None, d_ff=None,
+                         tie_embeddings=False, **{k: v for k, v in base.items() if k != "n_layer"}),
     }
 
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from momoe.layers.routers import RoutingContext
 from momoe.models import TransformerLM
 from tests.models.helpers import batch, randomize
 from tests.models.test_transformer import TOL, tiny
@@ -86,3 +87,23 @@ def test_packed_documents_stay_apart_in_the_gathered_path():
     packed = model(ids, mod, seq_idx=seq_idx).logits
     assert_close("doc 0", model(ids[:, :5], mod[:, :5]).logits, packed[:, :5], **TOL)
     assert_close("doc 1", model(ids[:, 5:], mod[:, 5:]).logits, packed[:, 5:], **TOL)
+
+
+@pytest.mark.parametrize("weighting", ["block", "ffn", "symmetric"])
+def test_a_mod_block_whose_function_is_zero_is_the_identity(weighting):
+    """With its residual branches zeroed (attention wo, FFN w2), a MoD layer passes every token through
+    unchanged, in training (gathered) and causal (masked) routing; ("symmetric" scales skipped tokens by
+    their gate, which is 1 for a TanhNorm router at its zero initialisation)."""
+    gate = "tanh_norm" if weighting == "symmetric" else "sigmoid"
+    model = mod_model(0.5, mod_weighting=weighting, mod_gate=gate)
+    block = model.layers[MOD_LAYERS[0]]
+    with torch.no_grad():
+        block.attn.wo.weight.zero_()
+        block.ffn.w2.weight.zero_()
+        if weighting == "symmetric":
+            block.depth.router.weight.zero_()  # TanhNorm's gate is 1 at a zero router
+    x = torch.randn(2, 11, model.config.d_model)
+    mod = torch.randint(0, 3, (2, 11))
+    for causal in (False, True):
+        y = block(x, mod, None, torch.arange(11), ctx=RoutingContext(causal=causal))
+        assert torch.equal(y, x), f"causal={causal}"
