@@ -35,8 +35,9 @@ def configs(args) -> Dict[str, TransformerConfig]:
         "MoMa 4t4i4s + MoD": MoMaConfig(experts_per_modality=[4, 4, 4], mod_layers=every_other,
                                         mod_capacity=args.mod_capacity, **base),
         "dense + MoD": TransformerConfig(mod_layers=every_other, mod_capacity=args.mod_capacity, **base),
-        # the first and last layer, and one shared layer applied n_layer - 2 times (capacities (N - r) / N)
-        "MoR": MoRConfig(num_recursions=args.n_layer - 2, recursion_layers=1, n_kv_heads=None, d_ff=None,
+        # the first and last layer, and one shared layer applied n_layer - 2 times (at least twice;
+        # capacities (N - r) / N)
+        "MoR": MoRConfig(num_recursions=max(2, args.n_layer - 2), recursion_layers=1, n_kv_heads=None, d_ff=None,
                          tie_embeddings=False, **{k: v for k, v in base.items() if k != "n_layer"}),
     }
 
