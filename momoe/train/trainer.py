@@ -27,7 +27,8 @@ from momoe.train.config import TrainConfig
 from momoe.train.log import LOG_FILE, JsonlLog, read_log
 from momoe.train.metrics import LossTally
 from momoe.train.optim import STATE_PREFIX, build_optimizer, load_optimizer_state, optimizer_state
-from momoe.train.parallel import Parallel, barrier, clip_gradients, sum_over_ranks, write_distributed_checkpoint
+from momoe.train.parallel import (Parallel, barrier, clip_gradients, gradient_sync, sum_over_ranks,
+                                  write_distributed_checkpoint)
 from momoe.train.plot import MISSING, log_curves, plot_curves
 from momoe.train.rng import rng_state, set_rng_state
 from momoe.train.schedule import WarmupCosine
@@ -98,12 +99,13 @@ class Trainer:
         total_targets = max(1.0, sum_over_ranks([sum(b.num_targets for b in batches)])[0])
         lr = self.schedule.apply(self.optimizer, self.step)
         tally, aux_total = LossTally(self.names), 0.0
-        for batch in batches:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
-                out = self.model(batch.input_ids, batch.modality_ids, labels=batch.labels, seq_idx=batch.seq_idx,
-                                 **self.forward_kwargs)
-            aux = out.aux_loss if out.aux_loss is not None else out.loss.new_zeros(())
-            (out.loss * (batch.num_targets * world_size / total_targets) + aux / c.grad_accum).backward()
+        for i, batch in enumerate(batches):
+            with gradient_sync(self.model, enabled=i == len(batches) - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.bf16):
+                    out = self.model(batch.input_ids, batch.modality_ids, labels=batch.labels,
+                                     seq_idx=batch.seq_idx, **self.forward_kwargs)
+                aux = out.aux_loss if out.aux_loss is not None else out.loss.new_zeros(())
+                (out.loss * (batch.num_targets * world_size / total_targets) + aux / c.grad_accum).backward()
             tally.add(out, batch)
             aux_total += aux.item() / c.grad_accum
         tally.all_reduce()

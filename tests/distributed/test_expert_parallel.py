@@ -1,9 +1,11 @@
-"""Expert parallelism over 2 ranks against the single-process MoMa on the concatenated batch."""
+"""Expert parallelism over 2 ranks (and a 4-rank dp x ep mesh) against the single-process MoMa."""
 import pytest
 import torch
 import torch.distributed as dist
 
-from momoe.distributed import apply_expert_parallel, init_mesh, local_expert_blocks, spawn, wrap_model
+import momoe
+from momoe.distributed import (apply_expert_parallel, consolidate, init_mesh, local_expert_blocks, save_distributed,
+                               spawn, wrap_model)
 from momoe.distributed.expert_parallel import _slot_of_expert
 from tests.distributed.helpers import (TOL, WORLD, distributed_step, expert_rows, global_batches, make_model,
                                        moma_config, optimizer, rank_rows, step)
@@ -146,3 +148,59 @@ def test_apply_needs_modality_experts():
 
     with pytest.raises(ValueError, match="no ModalityExperts layer"):
         apply_expert_parallel(make_model(transformer_config()), None)
+
+
+# ---------------------------------------------------------------- expert and data parallelism together
+MESH_WORLD, MESH_EP = 4, 2  # a (dp 2, ep 2) mesh: ranks 0-1 and 2-3 are the expert-parallel groups
+
+
+def _train_on_mesh(path: str):
+    """Rank side (4 ranks): TRAIN_STEPS steps of wrap_model(..., "ep") on a (dp 2, ep 2) mesh, then a
+    distributed checkpoint -> (mean losses, this rank's parameters, its EP group's rank)."""
+    config = CONFIGS["expert-choice"]
+    mesh = init_mesh(ep_size=MESH_EP)
+    model = wrap_model(make_model(config), "ep", mesh)
+    opt = optimizer(model)
+    losses = [distributed_step(model, opt, ids, mod) for ids, mod in global_batches(config, TRAIN_STEPS)]
+    save_distributed(path, model, opt, state={"step": TRAIN_STEPS})
+    params = {name: p.detach() for name, p in model.module.named_parameters()}
+    return losses, params, mesh["ep"].get_local_rank()
+
+
+@pytest.fixture(scope="module")
+def mesh_ranks(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("mesh") / "step-3")
+    return path, spawn(_train_on_mesh, MESH_WORLD, args=(path,), threads=1)
+
+
+def _two_replicas():
+    """The reference of a (dp 2, ep 2) job: one process, every batch as 2 halves (one per EP group, expert
+    choice over each half), the step on the mean of their losses."""
+    config = CONFIGS["expert-choice"]
+    model = make_model(config)
+    opt = optimizer(model)
+    losses = [step(model, opt, ids, mod, shards=MESH_WORLD // MESH_EP).item()
+              for ids, mod in global_batches(config, TRAIN_STEPS)]
+    return model, losses
+
+
+def test_expert_and_data_parallel_mesh_matches_single_process(mesh_ranks):
+    _, ranks = mesh_ranks
+    model, ref_losses = _two_replicas()
+    experts_per_modality = CONFIGS["expert-choice"]["experts_per_modality"]
+    assert [ep_rank for _, _, ep_rank in ranks] == [0, 1, 0, 1]
+    for rank, (losses, params, ep_rank) in enumerate(ranks):
+        assert_close(f"rank {rank} losses", torch.tensor(ref_losses), torch.tensor(losses), **TOL)
+        for name, p in model.named_parameters():
+            ref = p[expert_rows(experts_per_modality, ep_rank)] if _is_expert(name) else p
+            assert_close(f"rank {rank} {name}", ref, params[name], **TOL)
+
+
+def test_expert_and_data_parallel_checkpoint_consolidates(mesh_ranks, tmp_path):
+    """Both replicas of a shard hold the same rows: the checkpoint has every expert once, at its global row."""
+    path, _ = mesh_ranks
+    model, _ = _two_replicas()
+    merged = momoe.from_pretrained(consolidate(path, str(tmp_path / "model"))).state_dict()
+    assert merged.keys() == model.state_dict().keys()
+    for name, p in model.state_dict().items():
+        assert_close(name, p, merged[name], **TOL)
