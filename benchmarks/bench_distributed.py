@@ -5,7 +5,7 @@ Every process trains on its own batch of `--batch` x `--seqlen` tokens (weak sca
 grows with the processes), so tokens/s counts the tokens of all processes per step. The 1-process run
 gets all the threads, each of the 2 processes half of them (`--threads`, default: the CPU cores).
 Strategies with 2 processes: DDP, FSDP2 and expert parallelism (each rank holds half of the experts of
-every modality group, expert choice over both ranks' tokens, the rest DDP). "a2a MB/step" is what one
+every modality group, expert choice over both ranks' tokens, the rest DDP, or FSDP2 in "FSDP2 + EP"). "a2a MB/step" is what one
 rank sends to the other through all_to_all in a step (dispatch and combine, forward and backward).
 
     python -m benchmarks.bench_distributed [--d-model 256 --n-layer 4 --batch 4 --seqlen 256] [--json PATH]
@@ -24,8 +24,9 @@ from momoe.distributed.expert_parallel import expert_parallel_modules
 from momoe.models import MoMaConfig
 
 MODALITIES = ["text", "image", "speech"]
-RUNS = [("1 process", 1, None), ("2 processes DDP", 2, "ddp"), ("2 processes FSDP2", 2, "fsdp"),
-        ("2 processes EP", 2, "ep")]
+# (name, processes, strategy, ep size)
+RUNS = [("1 process", 1, None, 1), ("2 processes DDP", 2, "ddp", 1), ("2 processes FSDP2", 2, "fsdp", 1),
+        ("2 processes EP", 2, "ep", 2), ("2 processes FSDP2 + EP", 2, "fsdp", 2)]
 
 
 def config(args) -> MoMaConfig:
@@ -34,12 +35,12 @@ def config(args) -> MoMaConfig:
                       experts_per_modality=[args.experts] * len(MODALITIES))
 
 
-def run_rank(args, strategy) -> Dict[str, float]:
+def run_rank(args, strategy, ep_size) -> Dict[str, float]:
     """On every rank: the median training step time, and the all_to_all bytes this rank sends per step."""
     torch.manual_seed(0)
     model = momoe.build_model(config(args))
     if strategy is not None:
-        model = wrap_model(model, strategy, init_mesh(ep_size=dist.get_world_size() if strategy == "ep" else 1))
+        model = wrap_model(model, strategy, init_mesh(ep_size=ep_size))
     rank = dist.get_rank() if dist.is_initialized() else 0
     ids, mod = interleaved_batch(args.batch, args.seqlen, args.vocab, torch.Generator().manual_seed(rank),
                                  num_modalities=len(MODALITIES))
@@ -56,8 +57,8 @@ def run_rank(args, strategy) -> Dict[str, float]:
 def bench(args) -> List[Dict[str, object]]:
     rows = []
     base = None
-    for name, nprocs, strategy in RUNS:
-        ranks = spawn(run_rank, nprocs, args=(args, strategy), threads=max(1, args.threads // nprocs))
+    for name, nprocs, strategy, ep_size in RUNS:
+        ranks = spawn(run_rank, nprocs, args=(args, strategy, ep_size), threads=max(1, args.threads // nprocs))
         seconds = max(r["seconds"] for r in ranks)
         tokens_per_s = sum(r["tokens"] for r in ranks) / seconds
         base = base or tokens_per_s

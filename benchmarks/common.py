@@ -13,6 +13,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from momoe.train.optim import adamw
+
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse, as a caching allocator (jemalloc, tcmalloc, CUDA's) does.
@@ -123,9 +125,9 @@ def interleaved_batch(B: int, L: int, vocab: int, gen: torch.Generator,
 
 
 def train_step_fn(model: torch.nn.Module, ids: torch.Tensor, mod: torch.Tensor, optimizer: bool = True):
-    """One optimizer step: forward, backward, AdamW (fused, as a user would run it); optimizer=False:
-    forward and backward only (what the model costs, without the update of every parameter)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    """One optimizer step: forward, backward, AdamW (fused where torch can, as a user would run it);
+    optimizer=False: forward and backward only (what the model costs, without the update of every parameter)."""
+    opt = adamw(model.parameters(), lr=1e-4)
 
     def step():
         loss = model(ids, mod, labels=ids).loss

@@ -306,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--parallel", choices=STRATEGIES, default=None,
                        help="strategy over torchrun's processes (default ddp when WORLD_SIZE > 1): ddp, fsdp (FSDP2) "
                             "or ep (MoMa expert parallelism); fsdp/ep write distributed checkpoints")
-    train.add_argument("--ep-size", type=int, default=1, help="processes per expert-parallel group (--parallel ep)")
+    train.add_argument("--ep-size", type=int, default=1,
+                       help="processes per expert-parallel group, MoMa's experts sharded over them (--parallel ep; "
+                            "or fsdp, the other parameters then sharded over all processes)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

@@ -15,6 +15,8 @@ Strategies (`wrap_model`):
 - "ep": expert parallelism for MoMa (`apply_expert_parallel`) over the mesh's "ep" dimension, the
   other parameters replicated with DDP over all ranks; the expert shards' gradients are averaged over
   the "dp" dimension by hooks (`average_expert_gradients`).
+- "fsdp" on a mesh with ep > 1: the experts sharded over "ep" as under "ep", every other parameter
+  sharded by FSDP2 over all ranks (the expert banks are FSDP2's ignored parameters).
 
 With every strategy each rank reads its own share of the data and the loss is each rank's mean; the
 gradients are the mean over ranks (DDP semantics), which is the gradient of the mean loss over the
@@ -30,7 +32,7 @@ failed).
 import dataclasses
 import datetime
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -157,8 +159,8 @@ def wrap_model(model: nn.Module, strategy: str, mesh: Optional[DeviceMesh] = Non
     Args:
         model (nn.Module): a momoe model; for "fsdp" its blocks are `model.layers`.
         strategy (str): "ddp", "fsdp" or "ep" (see the module docstring).
-        mesh (DeviceMesh): from `init_mesh`; None: `init_mesh(1)`. "ddp" and "fsdp" need its "ep"
-            dimension to be 1; "ep" shards the experts over it.
+        mesh (DeviceMesh): from `init_mesh`; None: `init_mesh(1)`. "ddp" needs its "ep" dimension to
+            be 1; "ep" and "fsdp" shard the experts over it when it is larger.
 
     Returns:
         The model to train: a DistributedDataParallel wrapper ("ddp", "ep"; the model is its `.module`)
@@ -170,25 +172,35 @@ def wrap_model(model: nn.Module, strategy: str, mesh: Optional[DeviceMesh] = Non
     if mesh.mesh_dim_names != ("dp", "ep"):
         raise ValueError(f"momoe: wrap_model needs a ('dp', 'ep') mesh from init_mesh, got dims {mesh.mesh_dim_names}")
     ep_size = mesh["ep"].size()
-    if strategy in ("ddp", "fsdp") and ep_size != 1:
-        raise ValueError(f"momoe: strategy {strategy!r} replicates or shards every parameter over all ranks; "
-                         f"a mesh with ep = {ep_size} needs strategy 'ep'")
+    if strategy == "ddp" and ep_size != 1:
+        raise ValueError(f"momoe: strategy 'ddp' replicates every parameter over all ranks; a mesh with "
+                         f"ep = {ep_size} needs strategy 'ep' or 'fsdp'")
+    experts = _shard_experts(model, mesh) if strategy == "ep" or ep_size > 1 else {}
     if strategy == "fsdp":
+        every_rank = mesh["dp"] if ep_size == 1 else init_device_mesh(mesh.device_type, (mesh.size(),),
+                                                                      mesh_dim_names=("dp_ep",))
+        ignored = set(experts.values()) or None
         for block in getattr(model, "layers", ()):
-            fully_shard(block, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
+            fully_shard(block, mesh=every_rank, ignored_params=ignored)
+        fully_shard(model, mesh=every_rank, ignored_params=ignored)
         return model
-    if strategy == "ep":
-        apply_expert_parallel(model, mesh["ep"].get_group())
-        dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
-        average_expert_gradients(model, dp_group, mesh.size())
-        experts = {f"{name}.{p}" for name, bank in expert_parallel_modules(model) for p, _ in bank.named_parameters()}
+    if experts:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(experts))
     device = next(model.parameters()).device
     # find_unused_parameters: some parameters take no part in a training forward (MoMa's auxiliary
     # routers and MoD predictors learn only in their own stage).
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True)
+
+
+def _shard_experts(model: nn.Module, mesh: DeviceMesh) -> Dict[str, nn.Parameter]:
+    """Expert-parallel banks over the mesh's "ep" dimension, their gradients averaged over "dp" by hooks;
+    returns {name: parameter} of the banks' parameters (what DDP / FSDP2 must leave alone)."""
+    apply_expert_parallel(model, mesh["ep"].get_group())
+    dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
+    average_expert_gradients(model, dp_group, mesh.size())
+    return {f"{name}.{p}": param for name, bank in expert_parallel_modules(model)
+            for p, param in bank.named_parameters()}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

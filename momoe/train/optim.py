@@ -1,8 +1,9 @@
 """AdamW for a model, and its state as tensors + JSON (safetensors-friendly, no pickle)."""
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from momoe.checkpoint import CheckpointError
 from momoe.train.config import TrainConfig
@@ -10,20 +11,29 @@ from momoe.train.config import TrainConfig
 STATE_PREFIX = "optimizer."
 
 
+def adamw(params: Iterable[Any], **hyperparameters: Any) -> torch.optim.AdamW:
+    """torch's AdamW over `params` (parameters or param groups) in the fastest implementation it offers
+    for them: fused (one kernel per step) where supported, else the default; per parameter when FSDP2's
+    DTensors and plain tensors mix (FSDP2 beside expert-parallel banks), which the list kernels refuse."""
+    params = list(params)
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if len({isinstance(p, DTensor) for p in tensors}) > 1:
+        return torch.optim.AdamW(params, foreach=False, **hyperparameters)
+    try:
+        return torch.optim.AdamW(params, fused=True, **hyperparameters)
+    except (RuntimeError, ValueError):  # fused needs floating-point parameters on a supported device
+        return torch.optim.AdamW(params, **hyperparameters)
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: weight decay on matrices (dim >= 2), none on norms, biases
-    and other vectors. Fused (one kernel per step) when torch supports it for these parameters, else
-    the default implementation."""
+    """AdamW (`adamw`) over the trainable parameters: weight decay on matrices (dim >= 2), none on norms,
+    biases and other vectors."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("momoe: the model has no trainable parameters")
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    try:
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
-    except (RuntimeError, ValueError):  # fused needs floating-point parameters on a supported device
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+    return adamw([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

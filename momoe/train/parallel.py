@@ -78,13 +78,14 @@ def start_parallel(strategy: Optional[str] = None, ep_size: int = 1, device: Opt
 
     Args:
         strategy (str): "ddp", "fsdp", "ep" or None.
-        ep_size (int): ranks per expert-parallel group ("ep" only).
+        ep_size (int): ranks per expert-parallel group ("ep", or "fsdp" with MoMa's experts sharded over
+            EP groups and the rest over all ranks).
         device (str): "cpu" (gloo) or "cuda" (NCCL, each rank on cuda:LOCAL_RANK); None: CUDA when available.
     """
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"momoe: unknown parallel strategy {strategy!r}; choose one of {STRATEGIES}")
-    if ep_size != 1 and strategy != "ep":
-        raise ValueError(f"momoe: an expert-parallel size ({ep_size}) needs the 'ep' strategy")
+    if ep_size != 1 and strategy not in ("ep", "fsdp"):
+        raise ValueError(f"momoe: an expert-parallel size ({ep_size}) needs the 'ep' or 'fsdp' strategy")
     world_size = os.environ.get("WORLD_SIZE", "1")
     if not world_size.isdigit():
         raise ValueError(f"momoe: the environment variable WORLD_SIZE must be an integer, got {world_size!r}")
@@ -143,22 +144,29 @@ def barrier() -> None:
 def clip_gradients(model: nn.Module, params: Sequence[nn.Parameter], max_norm: float, parallel: Parallel) -> float:
     """Clip the gradients to a global norm of max_norm (inf: no clipping); returns the norm before.
 
-    The norm is the one of the whole model's gradient: replicated gradients (DDP) are equal on every rank;
-    FSDP2's are DTensor shards (torch sums their squares over the mesh); an expert-parallel bank holds
-    other experts on each rank of its EP group, so the squares of its gradients are summed over the group.
+    The norm is the one of the whole model's gradient, from the squares of three kinds of gradient:
+    replicated ones (one process, DDP) are whole and equal on every rank; FSDP2's are DTensor shards over
+    all ranks, so their squares are summed over the job; an expert-parallel bank holds other experts on
+    each rank of its EP group (equal over the replicas), so its squares are summed over the EP group.
     """
-    if parallel.strategy != "ep":
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     experts = {id(p) for _, bank in expert_parallel_modules(unwrap_model(model)) for p in bank.parameters()}
-    squares = torch.zeros(2, dtype=torch.float64, device=parallel.device)
+    squares = torch.zeros(3, dtype=torch.float64, device=parallel.device)  # replicated, FSDP2 shards, experts
+    grads = [p.grad for p in params if p.grad is not None]
     for p in params:
         if p.grad is not None:
-            squares[int(id(p) in experts)] += p.grad.detach().double().pow(2).sum()
-    dist.all_reduce(squares[1:], group=parallel.mesh["ep"].get_group())
-    norm = squares.sum().sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
+            kind = 1 if isinstance(p.grad, DTensor) else 2 if id(p) in experts else 0
+            local = p.grad.to_local() if kind == 1 else p.grad
+            squares[kind] += local.detach().double().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(squares[1:2])
+        if experts:
+            dist.all_reduce(squares[2:], group=parallel.mesh["ep"].get_group())
+    norm = float(squares.sum().sqrt())
+    coefficient = max_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s
+    if coefficient < 1.0:
+        for grad in grads:
+            grad.mul_(coefficient)
+    return norm
 
 
 def write_distributed_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,

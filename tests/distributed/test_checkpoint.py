@@ -1,5 +1,6 @@
-"""Distributed checkpoints: saved on 2 ranks (expert-parallel, FSDP2), resumed on 2 ranks under either
-strategy and on 1 process with the same next-step losses; consolidated to a plain checkpoint."""
+"""Distributed checkpoints: saved on 2 ranks (expert-parallel, FSDP2, FSDP2 + expert-parallel), resumed on 2
+ranks under another layout and on 1 process with the same next-step losses; consolidated to a plain
+checkpoint."""
 import os
 
 import pytest
@@ -17,12 +18,14 @@ from tests.utils import assert_close
 # not depend on how the batch is split and every strategy trains the same model as one process.
 CONFIG = moma_config(experts_per_modality=[2, 2], capacity_factor=2.0)
 BATCHES = global_batches(CONFIG, 3)  # step 1 before the checkpoint, steps 2 and 3 after it
-MESHES = {"ep": WORLD, "fsdp": 1}
+# layout -> (strategy, ep size): "fsdp+ep" shards the experts over the ranks and the rest with FSDP2
+LAYOUTS = {"ep": ("ep", WORLD), "fsdp": ("fsdp", 1), "fsdp+ep": ("fsdp", WORLD)}
 
 
-def _resume(path: str, strategy: str):
+def _resume(path: str, layout: str):
     """Rank side: a differently initialised model and optimizer, loaded from path -> (state, next losses)."""
-    model = wrap_model(make_model(CONFIG, seed=1), strategy, init_mesh(ep_size=MESHES[strategy]))
+    strategy, ep_size = LAYOUTS[layout]
+    model = wrap_model(make_model(CONFIG, seed=1), strategy, init_mesh(ep_size=ep_size))
     opt = optimizer(model)
     state = load_distributed(path, model, opt)
     return model, opt, state
@@ -32,7 +35,7 @@ def _next_losses(model, opt):
     return [distributed_step(model, opt, ids, mod) for ids, mod in BATCHES[1:]]
 
 
-def _on_ranks(ep_path: str, fsdp_path: str):
+def _on_ranks(ep_path: str, fsdp_path: str, fsdp_ep_path: str):
     model = wrap_model(make_model(CONFIG), "ep", init_mesh(ep_size=WORLD))
     opt = optimizer(model)
     distributed_step(model, opt, *BATCHES[0])
@@ -40,36 +43,40 @@ def _on_ranks(ep_path: str, fsdp_path: str):
     with torch.no_grad():
         logits = model(rank_rows(BATCHES[0][0]), rank_rows(BATCHES[0][1])).logits
     out = {"logits": logits, "losses": _next_losses(model, opt)}
-    for strategy in ("ep", "fsdp"):
-        model, opt, state = _resume(ep_path, strategy)
-        if strategy == "fsdp":
-            save_distributed(fsdp_path, model, opt, state=state)
-        out[f"ep -> {strategy}"] = (state, _next_losses(model, opt))
-    model, opt, state = _resume(fsdp_path, "ep")
-    out["fsdp -> ep"] = (state, _next_losses(model, opt))
+    resaved = {"fsdp": fsdp_path, "fsdp+ep": fsdp_ep_path}
+    for layout in LAYOUTS:
+        model, opt, state = _resume(ep_path, layout)
+        if layout in resaved:
+            save_distributed(resaved[layout], model, opt, state=state)
+        out[f"ep -> {layout}"] = (state, _next_losses(model, opt))
+    for layout, path in resaved.items():
+        other = "ep" if layout == "fsdp" else "fsdp"
+        model, opt, state = _resume(path, other)
+        out[f"{layout} -> {other}"] = (state, _next_losses(model, opt))
     return out
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """(checkpoint saved under EP, re-saved under FSDP2 after loading it, what the ranks returned)."""
+    """(checkpoint saved under EP, re-saved under FSDP2 and under FSDP2 + EP after loading it, what the
+    ranks returned)."""
     root = tmp_path_factory.mktemp("dcp")
-    ep_path, fsdp_path = str(root / "ep"), str(root / "fsdp")
-    return ep_path, fsdp_path, spawn(_on_ranks, WORLD, args=(ep_path, fsdp_path), threads=1)
+    paths = str(root / "ep"), str(root / "fsdp"), str(root / "fsdp-ep")
+    return (*paths, spawn(_on_ranks, WORLD, args=paths, threads=1))
 
 
 def test_resume_on_two_ranks(saved):
     *_, ranks = saved
     for rank, r in enumerate(ranks):
-        for case in ("ep -> ep", "ep -> fsdp", "fsdp -> ep"):
+        for case in ("ep -> ep", "ep -> fsdp", "ep -> fsdp+ep", "fsdp -> ep", "fsdp+ep -> fsdp"):
             state, losses = r[case]
             assert state == {"step": 1}
             assert_close(f"rank {rank} {case} next losses", torch.tensor(r["losses"]), torch.tensor(losses), **TOL)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["saved-under-ep", "saved-under-fsdp"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["saved-under-ep", "saved-under-fsdp", "saved-under-fsdp+ep"])
 def test_resume_on_one_process(saved, which):
-    path, ranks = saved[which], saved[2]
+    path, ranks = saved[which], saved[-1]
     model = make_model(CONFIG, seed=1)
     opt = optimizer(model)
     assert load_distributed(path, model, opt) == {"step": 1}
@@ -79,9 +86,9 @@ def test_resume_on_one_process(saved, which):
     assert_close("next losses", torch.tensor(ranks[0]["losses"]), torch.tensor(losses), **TOL)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["saved-under-ep", "saved-under-fsdp"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["saved-under-ep", "saved-under-fsdp", "saved-under-fsdp+ep"])
 def test_consolidate_loads_with_from_pretrained(saved, tmp_path, which):
-    path, ranks = saved[which], saved[2]
+    path, ranks = saved[which], saved[-1]
     out = consolidate(path, str(tmp_path / "plain"))
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     model = momoe.from_pretrained(out)

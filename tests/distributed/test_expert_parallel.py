@@ -2,10 +2,11 @@
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import momoe
 from momoe.distributed import (apply_expert_parallel, consolidate, init_mesh, local_expert_blocks, save_distributed,
-                               spawn, wrap_model)
+                               spawn, unwrap_model, wrap_model)
 from momoe.distributed.expert_parallel import _slot_of_expert
 from tests.distributed.helpers import (TOL, WORLD, distributed_step, expert_rows, global_batches, make_model,
                                        moma_config, optimizer, rank_rows, step)
@@ -18,6 +19,7 @@ CONFIGS = {
     "token-choice-top2": moma_config(expert_routing="token_choice", experts_per_token=2),
 }
 TRAIN_STEPS = 3
+TRAIN_STRATEGIES = ("ep", "fsdp")
 SKEWED = "expert-choice-cf1.5-3-groups"
 
 
@@ -41,12 +43,14 @@ def _forward_backward(config: dict, causal: bool, skewed: bool = False):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-def _train(config: dict):
-    """Rank side: TRAIN_STEPS steps with wrap_model(..., "ep") -> (mean losses, this rank's parameters)."""
-    model = wrap_model(make_model(config), "ep", init_mesh(ep_size=dist.get_world_size()))
+def _train(config: dict, strategy: str):
+    """Rank side: TRAIN_STEPS steps with wrap_model(..., strategy) on an (ep = 2) mesh -> (mean losses,
+    this rank's parameters: its expert shards, the others whole)."""
+    model = wrap_model(make_model(config), strategy, init_mesh(ep_size=dist.get_world_size()))
     opt = optimizer(model)
     losses = [distributed_step(model, opt, ids, mod) for ids, mod in global_batches(config, TRAIN_STEPS)]
-    return losses, {name: p.detach() for name, p in model.module.named_parameters()}
+    params = {name: p.detach() for name, p in unwrap_model(model).named_parameters()}
+    return losses, {name: p.full_tensor() if isinstance(p, DTensor) else p for name, p in params.items()}
 
 
 def _on_ranks():
@@ -54,7 +58,8 @@ def _on_ranks():
     out = {(name, causal): _forward_backward(config, causal)
            for name, config in CONFIGS.items() for causal in (False, True)}
     out["skewed"] = _forward_backward(CONFIGS[SKEWED], causal=False, skewed=True)
-    out["train"] = _train(CONFIGS["expert-choice"])
+    for strategy in TRAIN_STRATEGIES:
+        out[f"train {strategy}"] = _train(CONFIGS["expert-choice"], strategy)
     try:
         apply_expert_parallel(make_model(moma_config(experts_per_modality=[4, 1])), dist.group.WORLD)
     except ValueError as error:
@@ -100,13 +105,15 @@ def test_ranks_without_tokens_of_a_modality(ranks):
     _check_against_single_process(SKEWED, False, [r["skewed"] for r in ranks], skewed=True)
 
 
-def test_training_with_wrap_model_matches_single_process(ranks):
+@pytest.mark.parametrize("strategy", TRAIN_STRATEGIES)
+def test_training_with_wrap_model_matches_single_process(ranks, strategy):
+    """"ep": the other parameters replicated (DDP); "fsdp" on the ep mesh: sharded by FSDP2 over the ranks."""
     config = CONFIGS["expert-choice"]
     model = make_model(config)
     opt = optimizer(model)
     ref_losses = [step(model, opt, ids, mod).item() for ids, mod in global_batches(config, TRAIN_STEPS)]
     for rank, r in enumerate(ranks):
-        losses, params = r["train"]
+        losses, params = r[f"train {strategy}"]
         assert_close(f"rank {rank} losses", torch.tensor(ref_losses), torch.tensor(losses), **TOL)
         for name, p in model.named_parameters():
             ref = p[expert_rows(config["experts_per_modality"], rank)] if _is_expert(name) else p
@@ -155,16 +162,22 @@ MESH_WORLD, MESH_EP = 4, 2  # a (dp 2, ep 2) mesh: ranks 0-1 and 2-3 are the exp
 
 
 def _train_on_mesh(path: str):
-    """Rank side (4 ranks): TRAIN_STEPS steps of wrap_model(..., "ep") on a (dp 2, ep 2) mesh, then a
-    distributed checkpoint -> (mean losses, this rank's parameters, its EP group's rank)."""
+    """Rank side (4 ranks): TRAIN_STEPS steps of wrap_model(..., strategy) on a (dp 2, ep 2) mesh for each
+    strategy, then (under "ep") a distributed checkpoint -> {strategy: (mean losses, this rank's
+    parameters, its EP group's rank)}."""
     config = CONFIGS["expert-choice"]
-    mesh = init_mesh(ep_size=MESH_EP)
-    model = wrap_model(make_model(config), "ep", mesh)
-    opt = optimizer(model)
-    losses = [distributed_step(model, opt, ids, mod) for ids, mod in global_batches(config, TRAIN_STEPS)]
-    save_distributed(path, model, opt, state={"step": TRAIN_STEPS})
-    params = {name: p.detach() for name, p in model.module.named_parameters()}
-    return losses, params, mesh["ep"].get_local_rank()
+    out = {}
+    for strategy in TRAIN_STRATEGIES:
+        mesh = init_mesh(ep_size=MESH_EP)
+        model = wrap_model(make_model(config), strategy, mesh)
+        opt = optimizer(model)
+        losses = [distributed_step(model, opt, ids, mod) for ids, mod in global_batches(config, TRAIN_STEPS)]
+        if strategy == "ep":
+            save_distributed(path, model, opt, state={"step": TRAIN_STEPS})
+        params = {name: p.detach() for name, p in unwrap_model(model).named_parameters()}
+        params = {name: p.full_tensor() if isinstance(p, DTensor) else p for name, p in params.items()}
+        out[strategy] = losses, params, mesh["ep"].get_local_rank()
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +197,10 @@ def _two_replicas():
     return model, losses
 
 
-def test_expert_and_data_parallel_mesh_matches_single_process(mesh_ranks):
-    _, ranks = mesh_ranks
+@pytest.mark.parametrize("strategy", TRAIN_STRATEGIES)
+def test_expert_and_data_parallel_mesh_matches_single_process(mesh_ranks, strategy):
+    """"fsdp": the experts as under "ep", the other parameters sharded over all 4 ranks."""
+    ranks = [r[strategy] for r in mesh_ranks[1]]
     model, ref_losses = _two_replicas()
     experts_per_modality = CONFIGS["expert-choice"]["experts_per_modality"]
     assert [ep_rank for _, _, ep_rank in ranks] == [0, 1, 0, 1]

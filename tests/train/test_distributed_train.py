@@ -154,7 +154,7 @@ def test_failing_rank_ends_the_job(data_root, tmp_path):
 
 def test_bad_input(data_root, single, fsdp, tmp_path):
     args = model_args(data_root, tmp_path / "x", "--batch-size", 2)
-    with pytest.raises(SystemExit, match="needs the 'ep' strategy"):
+    with pytest.raises(SystemExit, match="needs the 'ep' or 'fsdp' strategy"):
         cli.main(["train", *args, "--ep-size", "2"])
     with pytest.raises(SystemExit, match="single-process checkpoint"):  # a job of one rank
         cli.main(["train", "--out", single, "--resume", "--quiet", "--parallel", "fsdp"])
@@ -179,31 +179,34 @@ def _moma_config(data_root, tmp_path, capacity_factor: float) -> str:
     return str(path)
 
 
-def _train_moma(data_root, tmp_path, config: str, clip: str):
-    """(one process on the global batch, 2 expert-parallel ranks on half of it each): their losses."""
+def _train_moma(data_root, tmp_path, config: str, clip: str, strategy: str = "ep"):
+    """(one process on the global batch, 2 expert-parallel ranks on half of it each): their (losses,
+    gradient norms). strategy "fsdp": the other parameters sharded with FSDP2 instead of replicated."""
     def moma_args(out, *extra):
         args = model_args(data_root, out, *extra)
         i = args.index("--family")
         return args[:i] + ["--model", config] + args[i + 2:] + ["--clip", clip]
 
     cli.main(["train", *moma_args(tmp_path / "single", "--batch-size", ROWS)])
-    code, out = torchrun(moma_args(tmp_path / "ep", "--batch-size", ROWS // WORLD, "--parallel", "ep",
+    code, out = torchrun(moma_args(tmp_path / "ep", "--batch-size", ROWS // WORLD, "--parallel", strategy,
                                    "--ep-size", WORLD))
     assert code == 0, out[-3000:]
-    assert "training on 2 processes (ep, cpu)" in out
+    assert f"training on 2 processes ({strategy}, cpu)" in out
     return [(losses(run), grad_norms(run)) for run in (tmp_path / "single", tmp_path / "ep")]
 
 
-@pytest.mark.parametrize("clip", ["0", "1.0"], ids=["no-clip", "clip"])
-def test_expert_parallel_matches_single_process(data_root, tmp_path, clip):
+@pytest.mark.parametrize("strategy, clip", [("ep", "0"), ("ep", "1.0"), ("fsdp", "1.0")],
+                         ids=["ep-no-clip", "ep-clip", "fsdp+ep-clip"])
+def test_expert_parallel_matches_single_process(data_root, tmp_path, strategy, clip):
     """MoMa with its experts split over 2 ranks trains as one process on the whole batch: every rank's
     expert shards get the gradient of the global mean loss (all_to_all backward, then the data-parallel
-    mean), the other parameters DDP's, and clipping uses the norm of the whole gradient.
+    mean), the other parameters DDP's (or FSDP2's shards of it), and clipping uses the norm of the whole
+    gradient.
 
     capacity_factor = 2 = experts per modality: every expert takes every token of its modality, so the
     run does not hinge on how expert choice breaks ties (see the next test); the dispatch, combine and
     gates still go through both ranks."""
-    single, ep = _train_moma(data_root, tmp_path, _moma_config(data_root, tmp_path, 2.0), clip)
+    single, ep = _train_moma(data_root, tmp_path, _moma_config(data_root, tmp_path, 2.0), clip, strategy)
     assert len(ep[0]) == STEPS
     assert_close("expert-parallel losses", torch.tensor(single[0]), torch.tensor(ep[0]), **TOL)
     assert_close("expert-parallel gradient norms", torch.tensor(single[1]), torch.tensor(ep[1]), **TOL)
