@@ -17,6 +17,8 @@ CONFIGS = {
     "expert-choice-cf1.5-3-groups": moma_config(modalities=["text", "image", "speech"], experts_per_modality=[2, 4, 2],
                                                 capacity_factor=1.5),
     "token-choice-top2": moma_config(expert_routing="token_choice", experts_per_token=2),
+    # MoMa + MoD: layer 1 processes half of each row's tokens, its experts choose among those
+    "expert-choice-mod": moma_config(mod_layers=[1], mod_capacity=0.5),
 }
 TRAIN_STEPS = 3
 TRAIN_STRATEGIES = ("ep", "fsdp")
