@@ -138,7 +138,10 @@ def train_run(args: argparse.Namespace, parallel: Parallel) -> None:
         if parallel.is_main:
             print(f"momoe: resuming from {resumed}")
     if parallel.is_main and parallel.strategy:
-        print(f"momoe: training on {parallel.world_size} processes ({parallel.strategy}, {parallel.device.type}), "
+        processes = f"{parallel.world_size} process" + ("es" if parallel.world_size != 1 else "")
+        ep_size = parallel.mesh["ep"].size() if parallel.mesh is not None else 1
+        experts = f", MoMa's experts over groups of {ep_size} ranks" if ep_size > 1 else ""
+        print(f"momoe: training on {processes} ({parallel.strategy}, {parallel.device.type}){experts}, "
               f"{config.batch_size} rows per process and micro-batch")
     records = trainer.fit()
     last = records[-1] if records else None

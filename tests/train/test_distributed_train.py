@@ -191,7 +191,7 @@ def _train_moma(data_root, tmp_path, config: str, clip: str, strategy: str = "ep
     code, out = torchrun(moma_args(tmp_path / "ep", "--batch-size", ROWS // WORLD, "--parallel", strategy,
                                    "--ep-size", WORLD))
     assert code == 0, out[-3000:]
-    assert f"training on 2 processes ({strategy}, cpu)" in out
+    assert f"training on 2 processes ({strategy}, cpu), MoMa's experts over groups of 2 ranks" in out
     return [(losses(run), grad_norms(run)) for run in (tmp_path / "single", tmp_path / "ep")]
 
 
@@ -210,6 +210,21 @@ def test_expert_parallel_matches_single_process(data_root, tmp_path, strategy, c
     assert len(ep[0]) == STEPS
     assert_close("expert-parallel losses", torch.tensor(single[0]), torch.tensor(ep[0]), **TOL)
     assert_close("expert-parallel gradient norms", torch.tensor(single[1]), torch.tensor(ep[1]), **TOL)
+
+
+def test_fsdp_expert_parallel_checkpoint_resumes_on_one_process(data_root, tmp_path, capsys):
+    """A checkpoint of `--parallel fsdp --ep-size 2` (experts and the other parameters sharded
+    differently) continues on one plain process with the next losses of the 2-rank run."""
+    config = _moma_config(data_root, tmp_path, 2.0)
+    args = model_args(data_root, tmp_path / "run", "--batch-size", ROWS // WORLD, "--parallel", "fsdp",
+                      "--ep-size", WORLD, "--checkpoint-interval", 1, "--keep-checkpoints", STEPS)
+    i = args.index("--family")
+    code, out = torchrun(args[:i] + ["--model", config] + args[i + 2:])
+    assert code == 0, out[-3000:]
+    run = _rewound(str(tmp_path / "run"), tmp_path, "resumed")
+    cli.main(["train", "--out", run, "--resume", "--quiet"])
+    assert "resuming from" in capsys.readouterr().out
+    assert_close("next losses", torch.tensor(losses(tmp_path / "run")), torch.tensor(losses(run)), **TOL)
 
 
 def test_expert_parallel_expert_choice_over_both_ranks(data_root, tmp_path):
