@@ -33,6 +33,10 @@ Dispatch and combine (`ExpertParallelFFN.forward`, given the routed rows grouped
 Everything is differentiable; the backward of an all_to_all is the all_to_all along the reverse
 splits, so each expert shard's gradient sums the contributions of the tokens of every EP rank.
 
+Training the auxiliary routers (`train_aux_routers`): their BCE against the group's decisions is
+normalised by the group's token count (`ExpertParallelRouter.aux_router_loss`), so the mean over the
+ranks equals the single-process loss on the group's batch.
+
 Token-choice groups (`routing="token_choice"`) and causal routing (the auxiliary routers) decide per
 token, so only the bank is sharded; a token-choice load-balancing loss is then over each rank's
 tokens.
@@ -208,7 +212,17 @@ class ExpertParallelRouter(ExpertChoiceRouter):
         token_index = top[expert_index, slot] - start
         stats = RouterStats.from_rows(expert_index, token_index, x.shape[0], self.num_experts)
         return SortedRouting(token_index=token_index, gates=torch.sigmoid(scores[token_index, expert_index]),
-                             sizes=mine.sum(1), logits=logits, stats=stats)
+                             sizes=mine.sum(1), logits=logits, stats=stats, decided_over=all_scores.shape[0])
+
+    def aux_router_loss(self, x: torch.Tensor, routing: SortedRouting) -> torch.Tensor:
+        """This rank's part of the auxiliary routers' mean BCE over the group's T tokens, scaled by the
+        group size P: `sum over this rank's (token, expert) of BCE * P / (T * E)`, so that the mean over
+        the ranks (DDP's gradient averaging, the trainer's logged aux loss) is the single-process loss
+        on the group's batch however the modalities' tokens are split between the ranks."""
+        loss = super().aux_router_loss(x, routing)  # the mean over this rank's T_p tokens
+        if routing.decided_over is None:  # causal routing: decided per token, on this rank
+            return loss
+        return loss * (x.shape[0] * dist.get_world_size(self.group) / routing.decided_over)
 
 
 def apply_expert_parallel(model: nn.Module, group: ProcessGroup) -> nn.Module:

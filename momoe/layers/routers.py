@@ -79,7 +79,8 @@ class SortedRouting:
 
     token_index (R,) int64: token of each row, expert 0's rows first; gates (R,) float32
     (differentiable); sizes (E,) int64: rows per expert; logits (T, E) float32: router logits;
-    stats: RouterStats.
+    stats: RouterStats; decided_over: the number of tokens the decision was taken over (None: these
+    T; expert parallelism decides over the tokens of several ranks).
     """
 
     token_index: torch.Tensor
@@ -87,6 +88,7 @@ class SortedRouting:
     sizes: torch.Tensor
     logits: torch.Tensor
     stats: RouterStats
+    decided_over: Optional[int] = None
 
     @property
     def expert_index(self) -> torch.Tensor:

@@ -45,6 +45,16 @@ def _forward_backward(config: dict, causal: bool, skewed: bool = False):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def _aux_router_losses(config: dict):
+    """Rank side, on the skewed batch (unequal tokens per modality on the ranks): the auxiliary routers'
+    loss (their second training stage) and the gradients of (aux loss / world) of their parameters."""
+    model = apply_expert_parallel(make_model(config), dist.group.WORLD)
+    ids, mod = (rank_rows(t) for t in _batch(config, skewed=True))
+    aux = model(ids, mod, labels=ids, train_aux_routers=True).aux_loss
+    (aux / dist.get_world_size()).backward()
+    return aux.detach(), {name: p.grad for name, p in model.named_parameters() if ".aux_router." in name}
+
+
 def _train(config: dict, strategy: str):
     """Rank side: TRAIN_STEPS steps with wrap_model(..., strategy) on an (ep = 2) mesh -> (mean losses,
     this rank's parameters: its expert shards, the others whole)."""
@@ -60,6 +70,7 @@ def _on_ranks():
     out = {(name, causal): _forward_backward(config, causal)
            for name, config in CONFIGS.items() for causal in (False, True)}
     out["skewed"] = _forward_backward(CONFIGS[SKEWED], causal=False, skewed=True)
+    out["aux routers"] = _aux_router_losses(CONFIGS[SKEWED])
     for strategy in TRAIN_STRATEGIES:
         out[f"train {strategy}"] = _train(CONFIGS["expert-choice"], strategy)
     try:
@@ -105,6 +116,23 @@ def test_forward_backward_match_single_process(ranks, name, causal):
 
 def test_ranks_without_tokens_of_a_modality(ranks):
     _check_against_single_process(SKEWED, False, [r["skewed"] for r in ranks], skewed=True)
+
+
+def test_auxiliary_router_loss_is_the_group_batch_mean(ranks):
+    """The auxiliary routers learn the decisions taken over both ranks' tokens, with the loss (mean over
+    the ranks) and gradients (sum of the ranks' (loss / world) gradients) of one process on the whole
+    batch, though rank 1 holds only text and rank 0 all the image tokens."""
+    config = CONFIGS[SKEWED]
+    model = make_model(config)
+    ids, mod = _batch(config, skewed=True)
+    aux = model(ids, mod, labels=ids, train_aux_routers=True).aux_loss
+    aux.backward()
+    results = [r["aux routers"] for r in ranks]
+    assert_close("aux loss", aux, torch.stack([loss for loss, _ in results]).mean(), **TOL)
+    grads = {name: p.grad for name, p in model.named_parameters() if ".aux_router." in name and p.grad is not None}
+    assert grads and all(set(grads) <= set(g) for _, g in results)
+    for name, grad in grads.items():
+        assert_close(f"grad {name}", grad, sum(g[name] for _, g in results if g[name] is not None), **TOL)
 
 
 @pytest.mark.parametrize("strategy", TRAIN_STRATEGIES)
