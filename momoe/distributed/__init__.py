@@ -3,7 +3,8 @@ FSDP2 / expert-parallel wrapping, distributed checkpoints, and a local launcher.
 
     from momoe.distributed import init_distributed, init_mesh, wrap_model, save_distributed
 
-- `parallel`: `init_distributed`, `init_mesh`, `wrap_model` ("ddp", "fsdp", "ep"), `is_main_process`.
+- `parallel`: `init_distributed`, `init_mesh`, `wrap_model` ("ddp", "fsdp", "ep"), `gradient_sync`
+  (gradient accumulation without communication), `is_main_process`.
 - `expert_parallel`: MoMa's experts sharded over ranks (`apply_expert_parallel`), expert choice over
   the expert-parallel group's batch, all_to_all dispatch and combine.
 - `checkpoint`: `save_distributed` / `load_distributed` with torch.distributed.checkpoint (resumable on
@@ -17,8 +18,8 @@ from momoe.distributed.checkpoint import consolidate, load_distributed, save_dis
 from momoe.distributed.expert_parallel import (ExpertParallelFFN, ExpertParallelRouter, apply_expert_parallel,
                                                average_expert_gradients, local_expert_blocks)
 from momoe.distributed.launch import spawn
-from momoe.distributed.parallel import (STRATEGIES, DistributedInfo, destroy_distributed, init_distributed, init_mesh,
-                                        is_main_process, unwrap_model, wrap_model)
+from momoe.distributed.parallel import (STRATEGIES, DistributedInfo, destroy_distributed, gradient_sync,
+                                        init_distributed, init_mesh, is_main_process, unwrap_model, wrap_model)
 
 __all__ = [
     "STRATEGIES",
@@ -29,6 +30,7 @@ __all__ = [
     "average_expert_gradients",
     "consolidate",
     "destroy_distributed",
+    "gradient_sync",
     "init_distributed",
     "init_mesh",
     "is_main_process",

@@ -99,7 +99,8 @@ class ExpertParallelFFN(ExpertFFN):
     order, running only its own experts. `num_experts` is the global bank size E (what the routers index);
     `w13` `[E_loc, 2F, D]` and `w2` `[E_loc, D, F]` hold this rank's experts, rows `blocks` of the global
     bank. `sent_bytes` counts the bytes this rank's forwards sent to other ranks (dispatch and combine;
-    the backward sends as many again); reset it at will.
+    the backward sends as many again); reset it at will. `sync_gradients`: whether the backward
+    all-reduces the shard's gradient over its data-parallel replicas (`average_expert_gradients`).
 
     Args:
         bank (ExpertFFN): the full bank (identical on every rank); its rows are copied.
@@ -126,6 +127,7 @@ class ExpertParallelFFN(ExpertFFN):
         self.register_buffer("slot_of_expert", _slot_of_expert(experts_per_modality, ep_size).to(bank.w13.device),
                              persistent=False)
         self.sent_bytes = 0
+        self.sync_gradients = True  # see average_expert_gradients
 
     def row_blocks(self) -> List[Tuple[int, int, int]]:
         """(first local row, first global row, rows) of each block of w13 / w2 in the global bank."""
@@ -269,18 +271,26 @@ def average_expert_gradients(model: nn.Module, data_parallel_group: Optional[Pro
     A shard's gradient already sums the contributions of the local losses of all ranks of its EP group
     (through the all_to_all backward). DDP semantics (the mean over all `world_size` ranks of their
     local-loss gradients) then need the sum over the replicas of the shard (the `data_parallel_group`,
-    None when there is one replica) divided by `world_size`. Hooks on the incoming gradients do this
-    once per backward, so gradient accumulation over several backwards stays correct.
+    None when there is one replica) divided by `world_size`. A hook divides every incoming gradient by
+    world_size; once it is accumulated into `.grad`, a second hook all-reduces `.grad` over the
+    replicas, unless the bank's `sync_gradients` is False (gradient accumulation: set it with
+    `momoe.distributed.gradient_sync`, so that the replicas exchange the summed gradient once, after the
+    last micro-batch).
     """
     replicas = 1 if data_parallel_group is None else dist.get_world_size(data_parallel_group)
 
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad / world_size
-        if replicas > 1:
-            dist.all_reduce(grad, group=data_parallel_group)
-        return grad
+    def scale(grad: torch.Tensor) -> torch.Tensor:
+        return grad / world_size
+
+    def make_sync(bank: ExpertParallelFFN):
+        def sync(p: torch.Tensor) -> None:
+            if bank.sync_gradients:
+                dist.all_reduce(p.grad, group=data_parallel_group)
+        return sync
 
     for _, bank in expert_parallel_modules(model):
         for p in bank.parameters():
             if p.requires_grad:
-                p.register_hook(hook)
+                p.register_hook(scale)
+                if replicas > 1:
+                    p.register_post_accumulate_grad_hook(make_sync(bank))

@@ -29,16 +29,17 @@ Failures: `init_distributed` sets a timeout on every collective (`timeout_s`, MO
 at most that long instead of waiting forever (torchrun also stops the other workers once one has
 failed).
 """
+import contextlib
 import dataclasses
 import datetime
 import os
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from momoe.distributed.expert_parallel import apply_expert_parallel, average_expert_gradients, expert_parallel_modules
@@ -201,6 +202,45 @@ def _shard_experts(model: nn.Module, mesh: DeviceMesh) -> Dict[str, nn.Parameter
     average_expert_gradients(model, dp_group, mesh.size())
     return {f"{name}.{p}": param for name, bank in expert_parallel_modules(model)
             for p, param in bank.named_parameters()}
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Whether the backwards inside exchange the gradients between data-parallel ranks.
+
+    enabled (the last micro-batch of an update): as usual. Disabled (the micro-batches before it): each
+    rank accumulates its gradients locally (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`,
+    the expert shards' `sync_gradients = False`), and the next synchronised backward exchanges the sums,
+    so an update communicates once whatever the number of micro-batches. Expert parallelism still
+    sends the tokens of every micro-batch (its forward needs them). A plain model: nothing to do.
+
+    Example::
+
+        for i, batch in enumerate(micro_batches):
+            with gradient_sync(model, enabled=i == len(micro_batches) - 1):
+                model(*batch).loss.backward()
+    """
+    banks = [bank for _, bank in expert_parallel_modules(unwrap_model(model))]
+    if enabled:
+        yield
+        return
+    for bank in banks:
+        bank.sync_gradients = False
+    try:
+        if isinstance(model, DistributedDataParallel):
+            with model.no_sync():
+                yield
+        elif isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
+            yield
+    finally:
+        for bank in banks:
+            bank.sync_gradients = True
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

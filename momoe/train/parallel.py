@@ -21,9 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 from momoe.distributed import (STRATEGIES, destroy_distributed, init_distributed, init_mesh, save_distributed,
                                unwrap_model, wrap_model)
@@ -115,25 +113,6 @@ def sum_over_ranks(values: Sequence[float]) -> List[float]:
     total = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.tolist()
-
-
-@contextlib.contextmanager
-def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Inside, the backward averages the gradients over the ranks (enabled: the last micro-batch of an
-    update) or leaves them on each rank to accumulate (the others: DDP's `no_sync`, FSDP2's
-    `set_requires_gradient_sync(False)`), so an update communicates once, whatever grad_accum is.
-    Expert-parallel shards still send their tokens every micro-batch (the forward needs them)."""
-    if enabled or not isinstance(model, (DistributedDataParallel, FSDPModule)):
-        yield
-    elif isinstance(model, DistributedDataParallel):
-        with model.no_sync():
-            yield
-    else:
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
 
 
 def barrier() -> None:

@@ -20,15 +20,14 @@ from momoe.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_js
 from momoe.data import PackedLoader, TokenDataset
 from momoe.models import config_from_dict
 from momoe.models.modeling_utils import PreTrainedModel
-from momoe.distributed import load_distributed
+from momoe.distributed import gradient_sync, load_distributed
 from momoe.train.checkpointing import (CHECKPOINTS_DIR, checkpoint_name, is_distributed_checkpoint, latest_checkpoint,
                                        read_training_state, write_checkpoint)
 from momoe.train.config import TrainConfig
 from momoe.train.log import LOG_FILE, JsonlLog, read_log
 from momoe.train.metrics import LossTally
 from momoe.train.optim import STATE_PREFIX, build_optimizer, load_optimizer_state, optimizer_state
-from momoe.train.parallel import (Parallel, barrier, clip_gradients, gradient_sync, sum_over_ranks,
-                                  write_distributed_checkpoint)
+from momoe.train.parallel import Parallel, barrier, clip_gradients, sum_over_ranks, write_distributed_checkpoint
 from momoe.train.plot import MISSING, log_curves, plot_curves
 from momoe.train.rng import rng_state, set_rng_state
 from momoe.train.schedule import WarmupCosine

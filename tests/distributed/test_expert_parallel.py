@@ -5,9 +5,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import momoe
-from momoe.distributed import (apply_expert_parallel, consolidate, init_mesh, local_expert_blocks, save_distributed,
-                               spawn, unwrap_model, wrap_model)
-from momoe.distributed.expert_parallel import _slot_of_expert
+from momoe.distributed import (apply_expert_parallel, consolidate, gradient_sync, init_mesh, local_expert_blocks,
+                               save_distributed, spawn, unwrap_model, wrap_model)
+from momoe.distributed.expert_parallel import _slot_of_expert, expert_parallel_modules
 from tests.distributed.helpers import (TOL, WORLD, distributed_step, expert_rows, global_batches, make_model,
                                        moma_config, optimizer, rank_rows, step)
 from tests.utils import assert_close
@@ -210,10 +210,51 @@ def _train_on_mesh(path: str):
     return out
 
 
+# every expert takes every token: the loss of a micro-batch does not depend on which rows share it
+ACCUMULATION_CONFIG = moma_config(experts_per_modality=[2, 2], capacity_factor=2.0)
+
+
+def _accumulate_on_mesh():
+    """Rank side (4 ranks, (dp 2, ep 2), "ep"): one update over 2 micro-batches of 1 row, the first
+    under gradient_sync(enabled=False) -> (an expert shard's gradient after each backward, the
+    parameters after the update, the EP rank)."""
+    mesh = init_mesh(ep_size=MESH_EP)
+    model = wrap_model(make_model(ACCUMULATION_CONFIG), "ep", mesh)
+    opt = optimizer(model)
+    ids, mod = (rank_rows(t) for t in global_batches(ACCUMULATION_CONFIG, 1, B=2 * MESH_WORLD)[0])
+    w13 = next(bank.w13 for _, bank in expert_parallel_modules(unwrap_model(model)))
+    grads = []
+    for k in range(2):
+        with gradient_sync(model, enabled=k == 1):
+            (model(ids[k:k + 1], mod[k:k + 1], labels=ids[k:k + 1]).loss / 2).backward()
+        grads.append(w13.grad.clone())
+    opt.step()
+    return grads, {name: p.detach() for name, p in unwrap_model(model).named_parameters()}, mesh["ep"].get_local_rank()
+
+
+def _on_mesh(path: str):
+    return {**_train_on_mesh(path), "accumulation": _accumulate_on_mesh()}
+
+
 @pytest.fixture(scope="module")
 def mesh_ranks(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("mesh") / "step-3")
-    return path, spawn(_train_on_mesh, MESH_WORLD, args=(path,), threads=1)
+    return path, spawn(_on_mesh, MESH_WORLD, args=(path,), threads=1)
+
+
+def test_gradient_accumulation_syncs_expert_shards_once(mesh_ranks):
+    """The replicas of a shard (ranks 0 and 2, 1 and 3) keep their own gradients after the unsynchronised
+    micro-batch and hold the same mean after the last one; the update is one process's on all 8 rows."""
+    ranks = [r["accumulation"] for r in mesh_ranks[1]]
+    for a, b in ((0, 2), (1, 3)):
+        assert not torch.allclose(ranks[a][0][0], ranks[b][0][0])
+        assert_close(f"ranks {a} and {b} after the update's backwards", ranks[a][0][1], ranks[b][0][1], **TOL)
+    model = make_model(ACCUMULATION_CONFIG)
+    step(model, optimizer(model), *global_batches(ACCUMULATION_CONFIG, 1, B=2 * MESH_WORLD)[0])
+    for rank, (_, params, ep_rank) in enumerate(ranks):
+        for name, p in model.named_parameters():
+            ref = p[expert_rows(ACCUMULATION_CONFIG["experts_per_modality"], ep_rank)] if _is_expert(name) else p
+            assert_close(f"rank {rank} {name}", ref, params[name], **TOL)
 
 
 def _two_replicas():
