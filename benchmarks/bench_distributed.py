@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import momoe
-from benchmarks.common import environment, interleaved_batch, measure, print_table, train_step_fn, write_json
+from benchmarks.common import add_model_arguments, interleaved_batch, measure, print_table, run_benchmark, train_step_fn
 from momoe.distributed import init_mesh, spawn, unwrap_model, wrap_model
 from momoe.distributed.expert_parallel import expert_parallel_modules
 from momoe.models import MoMaConfig
@@ -75,22 +75,10 @@ def bench(args) -> List[Dict[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-layer", type=int, default=4)
+    add_model_arguments(parser, d_model=256, seqlen=256)
     parser.add_argument("--experts", type=int, default=4, help="experts per modality group (even: EP over 2)")
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    env = environment()
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    results = {"environment": env, "distributed": bench(args)}
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
+    run_benchmark("distributed", bench, parser.parse_args(), keep_memory=False)
 
 
 if __name__ == "__main__":

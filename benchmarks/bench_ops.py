@@ -16,7 +16,8 @@ from typing import Dict, List
 import torch
 
 import momoe.ops as ops
-from benchmarks.common import environment, keep_freed_memory, measure, measure_interleaved, print_table, write_json
+from benchmarks.common import (environment, keep_freed_memory, measure, measure_interleaved, print_environment,
+                               print_table, save_results)
 from momoe.ops.selective_scan import naive as scan_naive
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -234,14 +235,12 @@ def main() -> None:
     torch.manual_seed(0)
     env = environment()
     env["allocator"] = "glibc keeps freed memory" if args.allocator == "keep" and keep_freed_memory() else "system"
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    print_environment(env)
     results: Dict[str, object] = {"environment": env}
     with torch.inference_mode(False):
         for name in args.only.split(","):
             results[name] = BENCHES[name](args)
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
+    save_results(args.json, results)
 
 
 if __name__ == "__main__":

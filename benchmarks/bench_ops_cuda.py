@@ -19,7 +19,7 @@ import torch
 
 import momoe.ops as ops
 from benchmarks.bench_ops import split_sizes
-from benchmarks.common import environment, print_table, write_json
+from benchmarks.common import environment, print_environment, print_table, save_results
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -206,18 +206,16 @@ def main() -> None:
     env = environment()
     results: Dict[str, object] = {"environment": env}
     if not torch.cuda.is_available():
-        print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+        print_environment(env)
         print("no CUDA device: nothing to measure (the CUDA rows need a GPU)")
     else:
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
-        print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+        print_environment(env)
         torch.manual_seed(0)
         for name in args.only.split(","):
             results[name] = BENCHES[name](args)
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
+    save_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 import momoe.ops as ops
 from benchmarks.bench_ops import fwd_bwd, scan_inputs
-from benchmarks.common import environment, print_table, write_json
+from benchmarks.common import environment, print_environment, print_table, save_results
 
 
 def cuda_time(fn: Callable[[], object], warmup: int, repeat: int) -> float:
@@ -143,14 +143,12 @@ def main() -> None:
     env["cuda"] = torch.version.cuda
     mamba = mamba_kernels()
     env["mamba_ssm"] = "found" if all(mamba.values()) else "missing (baseline columns empty)"
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    print_environment(env)
     rows = bench_scan(args, mamba) + bench_step(args, mamba)
     cols = ["case", "ours ms", "baseline", "baseline ms", "ratio", "target", "ok"]
     print_table(f"selective scan on CUDA: bf16, batch={args.batch} dim={args.dim} L={args.len} N={args.state} "
                 "(D, z, delta_bias, softplus)", cols, rows)
-    if args.json:
-        write_json(args.json, {"environment": env, "scan": rows})
-        print(f"\nwrote {args.json}")
+    save_results(args.json, {"environment": env, "scan": rows})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -82,6 +82,11 @@ def environment() -> Dict[str, object]:
     }
 
 
+def print_environment(env: Dict[str, object]) -> None:
+    """The environment as the first line of a benchmark's output."""
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Dict[str, object]]) -> None:
     """Print `rows` (dicts keyed by `columns`) as an aligned text table."""
 
@@ -107,6 +112,13 @@ def write_json(path: str, results: Dict[str, object]) -> None:
         json.dump(results, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def save_results(path: Optional[str], results: Dict[str, object]) -> None:
+    """write_json(path, results) and say so; nothing without a path (no --json)."""
+    if path:
+        write_json(path, results)
+        print(f"\nwrote {path}")
 
 
 def interleaved_batch(B: int, L: int, vocab: int, gen: torch.Generator,
@@ -156,8 +168,5 @@ def run_benchmark(key: str, bench: Callable[[object], List[Dict[str, object]]], 
     if keep_memory:
         keep_freed_memory()
     env = environment()
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    results = {"environment": env, key: bench(args)}
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwrote {args.json}")
+    print_environment(env)
+    save_results(args.json, {"environment": env, key: bench(args)})
