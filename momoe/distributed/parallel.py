@@ -220,10 +220,10 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
             with gradient_sync(model, enabled=i == len(micro_batches) - 1):
                 model(*batch).loss.backward()
     """
-    banks = [bank for _, bank in expert_parallel_modules(unwrap_model(model))]
     if enabled:
         yield
         return
+    banks = [bank for _, bank in expert_parallel_modules(unwrap_model(model))]
     for bank in banks:
         bank.sync_gradients = False
     try:

@@ -123,6 +123,41 @@ def barrier() -> None:
 def clip_gradients(model: nn.Module, params: Sequence[nn.Parameter], max_norm: float, parallel: Parallel) -> float:
     """Clip the gradients to a global norm of max_norm (inf: no clipping); returns the norm before.
 
+    The norm is the one of the whole model's gradient, from the squared norms of three kinds of
+    gradient: replicated ones (one process, DDP) are whole and equal on every rank; FSDP2's are DTensor
+    shards over all ranks, so their squares are summed over the job; an expert-parallel bank holds other
+    experts on each rank of its EP group (equal over the replicas), so its squares are summed over the
+    EP group.
+    """
+    experts = {id(p) for _, bank in expert_parallel_modules(unwrap_model(model)) for p in bank.parameters()}
+    kinds: List[List[torch.Tensor]] = [[], [], []]  # replicated, FSDP2 shards (local), expert shards
+    for p in params:
+        if p.grad is not None:
+            sharded = isinstance(p.grad, DTensor)
+            kinds[1 if sharded else 2 if id(p) in experts else 0].append(p.grad.to_local() if sharded else p.grad)
+    device = next((grad.device for grads in kinds for grad in grads), parallel.device)
+    squares = torch.stack([torch.nn.utils.get_total_norm(grads).to(device, torch.float64) ** 2 if grads
+                           else torch.zeros((), dtype=torch.float64, device=device) for grads in kinds])
+    if dist.is_initialized():
+        dist.all_reduce(squares[1:2])
+        if experts:
+            dist.all_reduce(squares[2:], group=parallel.mesh["ep"].get_group())
+    norm = float(squares.sum().sqrt())
+    coefficient = max_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s
+    if coefficient < 1.0:
+        for grads in filter(None, kinds):
+            torch._foreach_mul_(grads, coefficient)
+    return norm
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def clip_gradients(model: nn.Module, params: Sequence[nn.Parameter], max_norm: float, parallel: Parallel) -> float:
+    """Clip the gradients to a global norm of max_norm (inf: no clipping); returns the norm before.
+
     The norm is the one of the whole model's gradient, from the squares of three kinds of gradient:
     replicated ones (one process, DDP) are whole and equal on every rank; FSDP2's are DTensor shards over
     all ranks, so their squares are summed over the job; an expert-parallel bank holds other experts on

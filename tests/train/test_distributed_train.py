@@ -14,8 +14,10 @@ import torch
 
 import momoe
 from momoe import cli
+from momoe.data import load_dataset
 from momoe.train.checkpointing import LATEST_FILE, checkpoint_name
 from momoe.train.log import read_log
+from momoe.train.specs import family_config
 from tests.utils import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -169,8 +171,6 @@ def test_bad_input(data_root, single, fsdp, tmp_path):
 
 def _moma_config(data_root, tmp_path, capacity_factor: float) -> str:
     """config.json of model_args's MoMa (2 experts per modality) with the given capacity factor."""
-    from momoe.data import load_dataset
-    from momoe.train.specs import family_config
     vocab = load_dataset(data_root, "train").vocab
     config = family_config("moma", vocab, d_model=32, n_layer=2, n_heads=2, experts=2).replace(
         capacity_factor=capacity_factor)
