@@ -5,8 +5,9 @@ Every process trains on its own batch of `--batch` x `--seqlen` tokens (weak sca
 grows with the processes), so tokens/s counts the tokens of all processes per step. The 1-process run
 gets all the threads, each of the 2 processes half of them (`--threads`, default: the CPU cores).
 Strategies with 2 processes: DDP, FSDP2 and expert parallelism (each rank holds half of the experts of
-every modality group, expert choice over both ranks' tokens, the rest DDP, or FSDP2 in "FSDP2 + EP"). "a2a MB/step" is what one
-rank sends to the other through all_to_all in a step (dispatch and combine, forward and backward).
+every modality group, expert choice over both ranks' tokens, the rest DDP, or FSDP2 in "FSDP2 + EP").
+"a2a MB/step" is what one rank sends to the other through all_to_all in a step (dispatch and combine,
+forward and backward).
 
     python -m benchmarks.bench_distributed [--d-model 256 --n-layer 4 --batch 4 --seqlen 256] [--json PATH]
 """

@@ -58,6 +58,15 @@ def train_on_modality_task(model: PreTrainedModel, steps: int, L: int, lr: float
     return first, model(ids, mod, labels=ids)
 
 
+def decode_in_pieces(model: PreTrainedModel, ids: torch.Tensor, mod: torch.Tensor):
+    """ids, mod: (B, L), L > 10, decoded as a prefill of 6 tokens, a chunk of 4 that continues its cache,
+    then one token at a time with `step` -> (logits (B, L, V), the cache, extended to all L tokens)."""
+    prefill = model(ids[:, :6], mod[:, :6], return_cache=True)
+    second = model(ids[:, 6:10], mod[:, 6:10], cache=prefill.cache, return_cache=True)
+    steps = [model.step(ids[:, t], mod[:, t], second.cache) for t in range(10, ids.shape[1])]
+    return torch.cat([prefill.logits, second.logits, torch.stack(steps, 1)], 1), second.cache
+
+
 def assert_same_as_dense(dense: PreTrainedModel, sparse: PreTrainedModel, ids, mod, tol) -> None:
     """`sparse` (per-modality copies of `dense`'s parameters) gives dense's logits, and each dense
     gradient is the sum of the per-modality gradients."""

@@ -8,7 +8,7 @@ import torch
 
 from momoe.layers.routers import RoutingContext
 from momoe.models import TransformerLM
-from tests.models.helpers import batch, randomize
+from tests.models.helpers import batch, decode_in_pieces, randomize
 from tests.models.test_transformer import TOL, tiny
 from tests.utils import assert_close
 
@@ -62,11 +62,9 @@ def test_kv_cache_decoding_equals_causal_forward(capacity, split, modalities):
     model = mod_model(capacity, split, mod_modalities=modalities)
     ids, mod = batch(model.config, L=15)
     full = model(ids, mod, causal_routing=True).logits
-    prefill = model(ids[:, :6], mod[:, :6], return_cache=True)
-    second = model(ids[:, 6:10], mod[:, 6:10], cache=prefill.cache, return_cache=True)
-    steps = [model.step(ids[:, t], mod[:, t], second.cache) for t in range(10, 15)]
-    assert_close("cached", full, torch.cat([prefill.logits, second.logits, torch.stack(steps, 1)], 1), **TOL)
-    assert second.cache.layers[1].selected.shape == (2, 15)  # the depth cache tracks every token's key
+    got, cache = decode_in_pieces(model, ids, mod)
+    assert_close("cached", full, got, **TOL)
+    assert cache.layers[1].selected.shape == (2, 15)  # the depth cache tracks every token's key
 
 
 def test_packed_documents_with_causal_routing_equal_separate_documents():

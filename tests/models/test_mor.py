@@ -7,7 +7,7 @@ import torch
 import momoe
 from momoe.models.mor import MoRConfig, MoRLM
 from momoe.models.transformer import TransformerLM
-from tests.models.helpers import batch, randomize, train_on_modality_task
+from tests.models.helpers import batch, decode_in_pieces, randomize, train_on_modality_task
 from tests.utils import assert_close
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -122,11 +122,8 @@ def test_decoding_with_the_cache_equals_the_full_forward(router, kv):
     model = model_for(router, kv)
     ids, mod = batch(model.config, B=2, L=15)
     full = model(ids, mod, causal_routing=True).logits
-    prefill = model(ids[:, :6], mod[:, :6], return_cache=True)
-    second = model(ids[:, 6:10], mod[:, 6:10], cache=prefill.cache, return_cache=True)
-    steps = [model.step(ids[:, t], mod[:, t], second.cache) for t in range(10, 15)]
-    assert_close("cached", full, torch.cat([prefill.logits, second.logits, torch.stack(steps, 1)], 1), **TOL)
-    cache = second.cache
+    got, cache = decode_in_pieces(model, ids, mod)
+    assert_close("cached", full, got, **TOL)
     assert cache.seen == 15 and len(cache.steps) == (1 if kv == "recursive-sharing" else 3)
     if kv == "recursion-wise":  # each step caches the keys of the tokens active at that step only
         depth = model(ids, mod, causal_routing=True).router_stats["recursion.depth"]
